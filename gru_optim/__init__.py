@@ -1,0 +1,12 @@
+"""gru_optim: Gradient Rectified Unlearning (GRU) as a drop-in ``torch.optim`` wrapper.
+
+Wrap any optimizer, give ``step`` a forget closure and a retain closure (or use
+``retain_pass`` in loops that call ``backward`` themselves), and every update is the
+forget gradient with its conflict against the retain gradient's memory projected out.
+"""
+
+from . import functional
+from ._optimizer import EMA_KEY, GRUOptimizer
+from ._version import __version__
+
+__all__ = ["EMA_KEY", "GRUOptimizer", "__version__", "functional"]

@@ -1,0 +1,270 @@
+"""Functional core of GRU: pure operations over lists of tensors.
+
+Every function here works on plain lists of tensors (local shards, when the caller
+holds distributed tensors) and never synchronises with the host on an accelerator:
+decisions stay on the device as 0-dim tensors. Dot products and norms accumulate in
+float32 (float64 when an input is float64), whatever the dtype of the gradients.
+
+The mathematics of GRU lives in :func:`conflict_coefficients` (the closed form of the
+constrained problem) and :func:`project_` (applying it); everything else computes the
+sums those two need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RectifyResult",
+    "conflict_coefficients",
+    "ema_update_",
+    "expand_segments",
+    "project_",
+    "rectify_",
+    "segment_sum",
+    "tensor_dots",
+    "tensor_sq_norms",
+]
+
+_Key = tuple[torch.device, torch.dtype, torch.dtype]
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _group(a: Sequence[Tensor], b: Sequence[Tensor] | None = None) -> dict[_Key, list[int]]:
+    """Indices of ``a`` grouped by (device, dtype of a[i], dtype of b[i])."""
+    groups: dict[_Key, list[int]] = {}
+    for i, t in enumerate(a):
+        key = (t.device, t.dtype, b[i].dtype if b is not None else t.dtype)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _default_foreach(tensors: Sequence[Tensor]) -> bool:
+    """The multi-tensor path unless a tensor is a subclass that foreach kernels reject."""
+    return all(type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter) for t in tensors)
+
+
+def ema_update_(
+    ema: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    gamma: float,
+    *,
+    foreach: bool | None = None,
+) -> None:
+    """Fold ``grads`` into the retain memory in place.
+
+    Promises ``ema[i] <- gamma * grads[i] + (1 - gamma) * ema[i]`` for every ``i``, in the
+    dtype of ``ema[i]`` (the gradients may have another dtype). ``gamma`` weighs the new
+    gradient, as in the authors' code; ``gamma = 1`` copies the gradient exactly.
+    """
+    if len(ema) != len(grads):
+        raise ValueError(f"ema_update_: {len(ema)} buffers but {len(grads)} gradients")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    use_foreach = _default_foreach(ema) if foreach is None else foreach
+    for (_, m_dtype, g_dtype), idx in _group(ema, grads).items():
+        ms = [ema[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        same = m_dtype == g_dtype
+        if use_foreach:
+            if same:
+                torch._foreach_lerp_(ms, gs, gamma)
+            else:
+                torch._foreach_mul_(ms, 1.0 - gamma)
+                torch._foreach_add_(ms, gs, alpha=gamma)
+        else:
+            for m, g in zip(ms, gs):
+                if same:
+                    m.lerp_(g, gamma)
+                else:
+                    m.mul_(1.0 - gamma).add_(g, alpha=gamma)
+
+
+def tensor_sq_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor:
+    """Squared L2 norm of every tensor, as one 1-D tensor of length ``len(tensors)``.
+
+    Accumulated in float32 (float64 for float64 inputs) on the device of the first tensor.
+    """
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    out: list[Tensor | None] = [None] * len(tensors)
+    use_foreach = _default_foreach(tensors) if foreach is None else foreach
+    for (_, dtype, _), idx in _group(tensors).items():
+        cdtype = _compute_dtype(dtype)
+        ts = [tensors[i] for i in idx]
+        if use_foreach:
+            norms = torch._foreach_norm(ts, 2, dtype=cdtype)
+        else:
+            norms = [torch.linalg.vector_norm(t, dtype=cdtype) for t in ts]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return _stack_scalars(out, tensors[0].device).square()
+
+
+def tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``<a[i], b[i]>`` for every ``i``, as one 1-D tensor, accumulated in float32 or wider.
+
+    Tensors of one pair may differ in dtype; the narrower one is widened for that pair
+    only (a transient the size of one tensor).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"tensor_dots: {len(a)} tensors against {len(b)}")
+    if len(a) == 0:
+        return torch.zeros(0)
+    out: list[Tensor | None] = []
+    for x, y in zip(a, b):
+        cdtype = _compute_dtype(x.dtype, y.dtype)
+        xf = x.reshape(-1)
+        yf = y.reshape(-1)
+        if xf.dtype != cdtype:
+            xf = xf.to(cdtype)
+        if yf.dtype != cdtype:
+            yf = yf.to(cdtype)
+        out.append(torch.dot(xf, yf))
+    return _stack_scalars(out, a[0].device)
+
+
+def _stack_scalars(values: Sequence[Tensor | None], device: torch.device) -> Tensor:
+    """Stack 0-dim tensors into one vector on ``device`` (promoting to the widest dtype)."""
+    vals = [v for v in values if v is not None]
+    assert len(vals) == len(values)
+    dtype = _compute_dtype(*(v.dtype for v in vals))
+    return torch.stack([v.to(device=device, dtype=dtype) for v in vals])
+
+
+def segment_sum(values: Tensor, segments: Sequence[int] | None) -> Tensor:
+    """Sum consecutive runs of ``values``.
+
+    ``segments`` gives the length of each run (they must add up to ``len(values)``);
+    ``None`` means one run over everything. Returns a 1-D tensor with one entry per run.
+    """
+    if segments is None:
+        return values.sum(0, keepdim=True)
+    if sum(segments) != values.shape[0]:
+        raise ValueError(f"segments add up to {sum(segments)}, expected {values.shape[0]}")
+    if len(segments) == values.shape[0]:
+        return values
+    return torch.stack([v.sum() for v in values.split(list(segments))])
+
+
+def expand_segments(per_segment: Tensor, segments: Sequence[int] | None, n: int) -> Tensor:
+    """Inverse of :func:`segment_sum`'s grouping: one entry per tensor, copied from its run."""
+    if segments is None:
+        return per_segment.expand(n)
+    if len(segments) == n:
+        return per_segment
+    return torch.cat([c.expand(s) for c, s in zip(per_segment.unbind(), segments)])
+
+
+def conflict_coefficients(dot: Tensor, ema_sq_norm: Tensor) -> Tensor:
+    """The multiple of the retain memory to subtract, elementwise over segments.
+
+    For a gradient ``g`` and memory ``m`` with ``dot = <g, m>`` and
+    ``ema_sq_norm = ||m||^2``, returns ``c = min(dot, 0) / ||m||^2`` (``0`` where
+    ``||m|| = 0``), so that ``g - c * m`` is the closest vector to ``g`` with
+    ``<g - c * m, m> >= 0``. Never divides by zero; the result is on the device.
+    """
+    positive = ema_sq_norm > 0
+    safe = torch.where(positive, ema_sq_norm, torch.ones_like(ema_sq_norm))
+    return torch.where(positive & (dot < 0), dot / safe, torch.zeros_like(dot))
+
+
+def project_(
+    tensors: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    coefs: Tensor,
+    *,
+    foreach: bool | None = None,
+) -> None:
+    """In place: ``tensors[i] <- tensors[i] - coefs[i] * ema[i]``.
+
+    ``coefs`` is a 1-D tensor with one coefficient per tensor. On accelerators the
+    coefficients stay on the device (no host synchronisation); on the CPU, where reading
+    a scalar costs nothing, tensors whose coefficient is zero are left untouched.
+    """
+    if len(tensors) != len(ema) or coefs.shape[0] != len(tensors):
+        raise ValueError("project_: tensors, ema and coefs must have the same length")
+    if len(tensors) == 0:
+        return
+    if coefs.device.type == "cpu":
+        host = coefs.tolist()
+        use_foreach = _default_foreach(tensors) if foreach is None else foreach
+        if use_foreach and all(c == host[0] for c in host):
+            if host[0] != 0.0:
+                for _, idx in _group(tensors, ema).items():
+                    torch._foreach_add_(
+                        [tensors[i] for i in idx], [ema[i] for i in idx], alpha=-host[0]
+                    )
+            return
+        for t, m, c in zip(tensors, ema, host):
+            if c != 0.0:
+                t.add_(m, alpha=-c)
+        return
+    by_device: dict[torch.device, Tensor] = {}
+    for t, m, i in zip(tensors, ema, range(len(tensors))):
+        c = by_device.get(t.device)
+        if c is None:
+            c = by_device[t.device] = coefs.to(t.device, non_blocking=True)
+        t.addcmul_(m, c[i], value=-1)
+
+
+class RectifyResult(NamedTuple):
+    """Per-segment quantities of one rectification (1-D tensors, one entry per segment)."""
+
+    dot: Tensor
+    """``<g, m>`` before rectification."""
+    ema_sq_norm: Tensor
+    """``||m||^2``."""
+    coef: Tensor
+    """The multiple of ``m`` that was subtracted (``0`` where there was no conflict)."""
+
+
+def rectify_(
+    grads: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    *,
+    segments: Sequence[int] | None = None,
+    dot_offsets: Tensor | None = None,
+    all_reduce: Callable[[Tensor], None] | None = None,
+    foreach: bool | None = None,
+) -> RectifyResult:
+    """Rectify ``grads`` against the retain memory ``ema`` in place (the GRU rule).
+
+    Per segment (``segments`` as in :func:`segment_sum`; ``None`` is one global segment,
+    the paper's rule), with ``d = <g, m>``: if ``d < 0`` and ``m != 0`` the gradient
+    becomes ``g - d / ||m||^2 * m``, otherwise it is left exactly as it was. Afterwards
+    ``<g, m> >= 0`` per segment up to rounding.
+
+    ``dot_offsets`` (one entry per tensor) is subtracted from the per-tensor dot products
+    before the decision: it lets a caller rectify the part ``g - r`` of a gradient while
+    ``r`` (whose dots with ``m`` it already knows) stays in place. ``all_reduce``, when
+    given, sums a packed 1-D tensor across processes in place (for sharded tensors whose
+    dot products are partial sums).
+    """
+    n = len(grads)
+    if n != len(ema):
+        raise ValueError(f"rectify_: {n} gradients but {len(ema)} buffers")
+    if n == 0:
+        z = torch.zeros(0)
+        return RectifyResult(z, z, z)
+    dots = tensor_dots(grads, ema)
+    if dot_offsets is not None:
+        dots = dots - dot_offsets.to(dots)
+    sq = tensor_sq_norms(ema, foreach=foreach).to(dots.dtype)
+    seg_dot = segment_sum(dots, segments)
+    seg_sq = segment_sum(sq, segments)
+    if all_reduce is not None:
+        packed = torch.cat([seg_dot, seg_sq])
+        all_reduce(packed)
+        seg_dot, seg_sq = packed.chunk(2)
+    coef = conflict_coefficients(seg_dot, seg_sq)
+    project_(grads, ema, expand_segments(coef, segments, n), foreach=foreach)
+    return RectifyResult(seg_dot, seg_sq, coef)
