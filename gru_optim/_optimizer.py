@@ -79,11 +79,15 @@ def _sharded_group(params: list[Tensor]) -> Any:
 
 
 def _signature(params: list[Tensor]) -> list[tuple[int, int]]:
-    """Identity and version counter of each parameter's gradient: changes on backward."""
+    """Identity and version counter of each parameter's gradient: changes on backward.
+
+    The version is the local tensor's: FSDP2 accumulates into ``grad._local_tensor`` in
+    place, which leaves the DTensor wrapper's own counter unchanged.
+    """
     out = []
     for p in params:
         g = p.grad
-        out.append((0, -1) if g is None else (id(g), g._version))
+        out.append((0, -1) if g is None else (id(g), _local(g)._version))
     return out
 
 
