@@ -91,6 +91,18 @@ def _signature(params: list[Tensor]) -> list[tuple[int, int]]:
     return out
 
 
+class _RetainGradients:
+    """Stands for the retain gradient in ``GradScaler.unscale_`` (which keys its
+    bookkeeping by object and reads only ``param_groups``)."""
+
+    def __init__(self, owner: Optimizer) -> None:
+        self._owner = owner
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._owner.param_groups
+
+
 @dataclass
 class _RetainRecord:
     """What a retain pass leaves for the step that consumes it."""
@@ -135,6 +147,15 @@ class GRUOptimizer(Optimizer):
             non-finite values through as the inner optimizer would.
         foreach: use the multi-tensor (``torch._foreach_*``) kernels; ``None`` picks them
             whenever the tensors allow.
+        grad_scaler: the ``torch.amp.GradScaler`` (or FSDP's ``ShardedGradScaler``) whose
+            ``scaler.scale(loss).backward()`` produced the gradients (fp16 training).
+            GRU then unscales the retain gradient before it enters the memory and the
+            forget gradient before the rectification (each exactly once, through
+            ``scaler.unscale_``; a forget gradient the caller already unscaled, e.g. to
+            clip it, is not unscaled again), and skips a step on overflow whatever
+            ``skip_nonfinite`` says. Call ``opt.step(...)`` or ``scaler.step(opt, ...)``
+            (closures may be positional: they run before anything is unscaled), then
+            ``scaler.update()`` once per iteration as usual: GRU never calls it.
 
     Use it with closures::
 
@@ -163,6 +184,7 @@ class GRUOptimizer(Optimizer):
         ema_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
         foreach: bool | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
@@ -198,6 +220,17 @@ class GRUOptimizer(Optimizer):
         self.ema_dtype = ema_dtype
         self.skip_nonfinite = bool(skip_nonfinite)
         self.foreach = foreach
+        if grad_scaler is not None and not (
+            callable(getattr(grad_scaler, "unscale_", None))
+            and callable(getattr(grad_scaler, "is_enabled", None))
+        ):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
+        # What the scaler sees as the owner of the retain gradient (the GRU optimizer owns
+        # the forget gradient): two unscale_ calls per iteration, both counted by update().
+        self._retain_owner = _RetainGradients(self)
         self._ema: dict[Tensor, Tensor] = {}
         self._update_buffers: dict[Tensor, Tensor] = {}
         self._pending: _RetainRecord | None = None
@@ -316,6 +349,44 @@ class GRUOptimizer(Optimizer):
 
         return reduce
 
+    # ------------------------------------------------------------------ loss scaling
+    # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
+    # unscaling first; GRU unscales itself, after its closures ran.
+    _step_supports_amp_scaling = True
+
+    def _scaling(self) -> bool:
+        return self.grad_scaler is not None and bool(self.grad_scaler.is_enabled())
+
+    def _checks_nonfinite(self) -> bool:
+        return self.skip_nonfinite or self._scaling()
+
+    def _unscale(self, owner: Any) -> None:
+        """Unscale the gradients now in ``.grad`` once, on behalf of ``owner``."""
+        if not self._scaling():
+            return
+        states = getattr(self.grad_scaler, "_per_optimizer_states", {})
+        if owner is self and id(self) in states:
+            stage = getattr(states[id(self)].get("stage"), "name", None)
+            if stage == "UNSCALED":
+                return  # the caller already unscaled the forget gradient
+        try:
+            self.grad_scaler.unscale_(owner)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{e} With GRUOptimizer(grad_scaler=scaler) call scaler.update() once per "
+                "iteration, after opt.step() (or scaler.step(opt))."
+            ) from e
+
+    def _grads_nonfinite(self, params: list[Tensor]) -> bool:
+        with torch.no_grad():
+            with_grad = [p for p in params if p.grad is not None]
+            sq = tensor_sq_norms([_local(p.grad) for p in with_grad], foreach=self.foreach)  # type: ignore[arg-type]
+            total = sq.sum() if sq.numel() else torch.zeros(())
+            group = _sharded_group(with_grad)
+            if group is not None:
+                self._all_reduce_fn(group)(total)  # type: ignore[misc]
+            return self._nonfinite(total)
+
     def _nonfinite(self, sq_total: Tensor) -> bool:
         """The one host read GRU makes (only with ``skip_nonfinite``)."""
         return not bool(torch.isfinite(sq_total))
@@ -352,15 +423,16 @@ class GRUOptimizer(Optimizer):
 
     def _fold_retain(self, params: list[Tensor], loss: Any) -> None:
         self._check_grads(params)
+        self._unscale(self._retain_owner)
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
             grads = [_local(p.grad) for p in with_grad]  # type: ignore[arg-type]
             group = _sharded_group(with_grad)
             sq = tensor_sq_norms(grads, foreach=self.foreach)
             total = sq.sum() if sq.numel() else torch.zeros(())
-            if group is not None and self.skip_nonfinite:
+            if group is not None and self._checks_nonfinite():
                 self._all_reduce_fn(group)(total)  # type: ignore[misc]
-            nonfinite = self.skip_nonfinite and self._nonfinite(total)
+            nonfinite = self._checks_nonfinite() and self._nonfinite(total)
             offsets: dict[Tensor, Tensor] = {}
             if not nonfinite:
                 for p in with_grad:
@@ -376,7 +448,14 @@ class GRUOptimizer(Optimizer):
                     d = tensor_dots(grads, emas) * self.retain_weight
                     offsets = dict(zip(with_grad, d.unbind()))
             if self.retain_weight != 0.0:
-                torch._foreach_mul_(grads, self.retain_weight)
+                factor: Any = self.retain_weight
+                if self._scaling() and grads:
+                    # The forget backward adds scaled gradients on top: keep this part
+                    # scaled too, so that one unscale_ of the sum is right.
+                    factor = self.grad_scaler.scale(
+                        torch.full((), self.retain_weight, device=grads[0].device)
+                    )
+                torch._foreach_mul_(grads, factor)
             else:
                 torch._foreach_zero_(grads)
             self._pending = _RetainRecord(
@@ -427,8 +506,25 @@ class GRUOptimizer(Optimizer):
                     "and return the loss"
                 )
             self._fold_retain(params, retain_loss)
+        if "found_inf" in self.__dict__ and self.grad_scaler is None:
+            raise RuntimeError(
+                "GradScaler.step() got a GRUOptimizer built without grad_scaler=: build it "
+                "with GRUOptimizer(inner, grad_scaler=scaler) so that the retain gradient is "
+                "unscaled before it enters the memory"
+            )
         if self._pending is None:
-            return self._inner.step(closure) if closure is not None else self._inner.step()
+            if not self._scaling():
+                return self._inner.step(closure) if closure is not None else self._inner.step()
+            plain_loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    plain_loss = closure()
+            params = self._params()
+            self._check_grads(params)
+            self._unscale(self)
+            if not self._grads_nonfinite(params):
+                self._inner.step()
+            return plain_loss
         pending = self._pending
         params = self._params()
         loss = None
@@ -443,6 +539,7 @@ class GRUOptimizer(Optimizer):
             )
         self._pending = None
         self._check_grads(params)
+        self._unscale(self)
         self._rectify_and_step(params, pending, loss)
         return loss
 
@@ -477,7 +574,9 @@ class GRUOptimizer(Optimizer):
                 reduce(packed)
                 k = seg_dot.shape[0]
                 seg_dot, seg_sq, g_sq_total = packed[:k], packed[k : 2 * k], packed[2 * k]
-            nonfinite = pending.nonfinite or (self.skip_nonfinite and self._nonfinite(g_sq_total))
+            nonfinite = pending.nonfinite or (
+                self._checks_nonfinite() and self._nonfinite(g_sq_total)
+            )
 
             coef = conflict_coefficients(seg_dot, seg_sq)
             if not nonfinite:
