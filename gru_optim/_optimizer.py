@@ -284,12 +284,32 @@ class GRUOptimizer(Optimizer):
         self._inner.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used."""
+        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used.
+
+        Inside the forget closure of ``step(forget_closure, retain_closure)`` and before
+        its ``backward`` (closures written the torch way, ``zero_grad()`` first), it leaves
+        the gradients alone: they hold only what the retain pass left (zeros, or
+        ``retain_weight`` times the retain gradient), which the step still needs.
+        """
+        pending = self._pending
+        if (
+            pending is not None
+            and self.__dict__.get("_in_forget_closure", False)
+            and _signature(self._params()) == pending.signature
+        ):
+            return
         self._pending = None
         self._inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
+        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
+        # ``_opt_called``): a copy must step itself, not the original.
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -406,14 +426,18 @@ class GRUOptimizer(Optimizer):
         forget loss's ``backward`` and :meth:`step`. ``loss`` is only recorded for
         :attr:`last_stats`.
         """
-        if self._pending is not None:
+        if self._pending is not None or self.__dict__.get("_in_retain_pass", False):
             raise RuntimeError(
                 "retain_pass entered twice before step(): put all retain micro-batches in "
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
         params = self._params()
         before = _signature(params)
-        yield
+        self._in_retain_pass = True
+        try:
+            yield
+        finally:
+            self._in_retain_pass = False
         if _signature(params) == before:
             raise RuntimeError(
                 "no gradient was computed inside retain_pass(): call backward on the retain "
@@ -529,8 +553,12 @@ class GRUOptimizer(Optimizer):
         params = self._params()
         loss = None
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+            self._in_forget_closure = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._in_forget_closure = False
         if _signature(params) == pending.signature:
             self._pending = None
             raise RuntimeError(

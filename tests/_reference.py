@@ -1,0 +1,180 @@
+"""An independent float64 re-derivation of GRU, written from GRU_SPEC.md only.
+
+It deliberately follows the authors' style rather than the package's: per-step dictionaries
+of both gradients, flattening with ``torch.cat``, Python floats and a Python ``if`` for the
+decision, float64 throughout. It shares no code with ``gru_optim``.
+
+``ReferenceGRU`` drives a plain ``torch.optim`` optimizer on its own model: it computes the
+retain gradient, updates the memory, computes the forget gradient, rectifies it (or, with
+``space="update"``, the inner optimizer's parameter change) and writes it to ``.grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def _unflat(vec: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(vec[i : i + n].reshape(t.shape))
+        i += n
+    return out
+
+
+def project_flat(g: Tensor, m: Tensor) -> tuple[Tensor, float, float]:
+    """The closed form of min ||x - g||^2 s.t. <x, m> >= 0, in float64.
+
+    Returns (x, d, coefficient) with d = <g, m>.
+    """
+    g = g.to(torch.float64)
+    m = m.to(torch.float64)
+    d = float(torch.dot(g, m))
+    nm = float(torch.dot(m, m))
+    if d < 0.0 and nm > 0.0:
+        c = d / nm
+        return g - c * m, d, c
+    return g.clone(), d, 0.0
+
+
+class ReferenceGRU:
+    """GRU by the book, around a plain optimizer, in float64 arithmetic.
+
+    ``groups`` lists the parameters of each segment source (the optimizer's param groups).
+    """
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        *,
+        gamma: float = 0.8,
+        granularity: str = "global",
+        retain_weight: float = 0.0,
+        space: str = "gradient",
+    ) -> None:
+        self.inner = inner
+        self.gamma = gamma
+        self.granularity = granularity
+        self.retain_weight = retain_weight
+        self.space = space
+        self.ema: dict[int, Tensor] = {}  # id(param) -> float64 memory
+        self.history: list[dict[str, Any]] = []
+
+    # -- helpers
+    def params(self) -> list[Tensor]:
+        out, seen = [], set()
+        for g in self.inner.param_groups:
+            for p in g["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _segments(self, paired: list[Tensor]) -> list[list[Tensor]]:
+        ids = {id(p) for p in paired}
+        if self.granularity == "global":
+            return [paired] if paired else []
+        if self.granularity == "tensor":
+            return [[p] for p in paired]
+        segs = []
+        for g in self.inner.param_groups:
+            seg = [p for p in g["params"] if id(p) in ids]
+            if seg:
+                segs.append(seg)
+        return segs
+
+    def memory(self, p: Tensor) -> Tensor | None:
+        return self.ema.get(id(p))
+
+    # -- the two halves of a step
+    def fold_retain(self, retain_fn: Callable[[], Any]) -> dict[int, Tensor]:
+        """Run the retain closure from clean gradients and update the memory."""
+        params = self.params()
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            retain_fn()
+        g_r = {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
+        for p in params:
+            k = id(p)
+            if k in g_r:
+                old = self.ema.get(k, torch.zeros_like(g_r[k]))
+                self.ema[k] = self.gamma * g_r[k] + (1.0 - self.gamma) * old
+            elif k in self.ema:
+                self.ema[k] = (1.0 - self.gamma) * self.ema[k]
+        for p in params:
+            p.grad = None
+        return g_r
+
+    def step(self, forget_fn: Callable[[], Any], retain_fn: Callable[[], Any]) -> dict[str, Any]:
+        params = self.params()
+        g_r = self.fold_retain(retain_fn)
+        with torch.enable_grad():
+            forget_fn()
+        g_f = {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
+        paired = [p for p in params if id(p) in self.ema]
+        # Parameters with a memory but no forget gradient: forget gradient zero.
+        for p in paired:
+            if id(p) not in g_f:
+                g_f[id(p)] = torch.zeros(p.shape, dtype=torch.float64)
+        info: dict[str, Any] = {"dots": [], "coefs": [], "sq": []}
+        all_f = [g_f[id(p)] for p in params if id(p) in g_f]
+        info["forget_grad_norm"] = float(_flat(all_f).norm()) if all_f else 0.0
+        info["retain_grad_norm"] = float(_flat(list(g_r.values())).norm()) if g_r else 0.0
+        if self.space == "gradient":
+            new = dict(g_f)
+            for seg in self._segments(paired):
+                gs = [g_f[id(p)] for p in seg]
+                ms = [self.ema[id(p)] for p in seg]
+                x, d, c = project_flat(_flat(gs), _flat(ms))
+                info["dots"].append(d)
+                info["coefs"].append(c)
+                info["sq"].append(float(_flat(ms).square().sum()))
+                for p, v in zip(seg, _unflat(x, gs)):
+                    new[id(p)] = v
+            for p in params:
+                k = id(p)
+                if k in new:
+                    v = new[k]
+                    if self.retain_weight and k in g_r:
+                        v = v + self.retain_weight * g_r[k]
+                    p.grad = v.to(p.dtype)
+                else:
+                    p.grad = None
+            self.inner.step()
+        else:
+            for p in params:
+                k = id(p)
+                if k in g_f:
+                    v = g_f[k]
+                    if self.retain_weight and k in g_r:
+                        v = v + self.retain_weight * g_r[k]
+                    p.grad = v.to(p.dtype)
+                else:
+                    p.grad = None
+            old = {id(p): p.detach().to(torch.float64).clone() for p in params}
+            self.inner.step()
+            with torch.no_grad():
+                for seg in self._segments(paired):
+                    deltas = [p.detach().to(torch.float64) - old[id(p)] for p in seg]
+                    ms = [self.ema[id(p)] for p in seg]
+                    # The update must satisfy <delta, m> <= 0: rectify -delta.
+                    x, d, c = project_flat(-_flat(deltas), _flat(ms))
+                    info["dots"].append(-d)
+                    info["coefs"].append(c)
+                    info["sq"].append(float(_flat(ms).square().sum()))
+                    for p, v in zip(seg, _unflat(-x, deltas)):
+                        p.copy_((old[id(p)] + v).to(p.dtype))
+        info["dot"] = sum(info["dots"])
+        info["conflict"] = any(c != 0.0 for c in info["coefs"])
+        self.history.append(info)
+        return info
