@@ -22,8 +22,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
 
+# The documentation site (mkdocs.yml): built with warnings as errors into site/.
+DOCS_STAMP := $(VENV)/.installed-docs
+.PHONY: docs docs-serve
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis

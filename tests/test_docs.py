@@ -1,0 +1,362 @@
+"""Every ```python block of README.md and docs/**/*.md runs as a test.
+
+How the blocks run
+------------------
+- A page's blocks run in order in one fresh namespace (``__name__ == "__main__"``), in a
+  subprocess of their own: blocks of one page share state, pages are independent.
+- Each block is its own test item, ``test_doc_block[<page>:<n>]`` (``n`` counts the page's
+  python blocks from 1). The page runs once, when its first item runs; an item fails with
+  its block's traceback (line numbers are those of the Markdown file), or because an
+  earlier block of its page failed.
+- The subprocess runs in an empty temporary directory (files a block writes go there),
+  with the repository root first on ``sys.path``, ``OMP_NUM_THREADS=1`` unless set, and
+  pytest's ``-W`` options (``pytest -W error`` makes warnings errors in the blocks too).
+- Each block has a time limit: 60 s, or ``timeout=N`` from a marker.
+
+Markers (an HTML comment on the line right before the opening fence, invisible on the
+rendered page)::
+
+    <!-- docs-test: timeout=180 -->      a longer time limit for the next block
+    <!-- docs-test: no-run -->           the next block is only compiled, never executed
+
+``no-run`` is for blocks that truly cannot run here (several GPUs, a download); prefer a
+runnable block. The same is accepted in the fence's info string: ```` ```python no-run ````.
+A ``no-run`` block is still a test item: it must compile.
+
+Blocks in other languages (bash, text, pycon, ...) are not collected.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TIMEOUT = 60.0
+LANGUAGES = {"python", "py", "python3"}
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`\n]*)$")
+_MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<body>.*?)\s*-->\s*$")
+
+
+@dataclass(frozen=True)
+class Block:
+    page: str  # path relative to the repository root
+    index: int  # 1-based among the page's python blocks
+    line: int  # 1-based line of the first line of code
+    source: str
+    run: bool
+    timeout: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.index}"
+
+
+def _parse_options(words: list[str], page: str, line: int) -> tuple[bool, float | None]:
+    run, timeout = True, None
+    for word in words:
+        if word in ("no-run", "norun", "skip"):
+            run = False
+        elif word.startswith("timeout="):
+            timeout = float(word.split("=", 1)[1])
+        elif word:
+            raise ValueError(f"{page}:{line}: unknown docs-test option {word!r}")
+    return run, timeout
+
+
+def extract_blocks(text: str, page: str) -> list[Block]:
+    """The python code blocks of a Markdown page, with their markers applied."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    i = 0
+    pending: tuple[bool, float | None] | None = None
+    while i < len(lines):
+        marker = _MARKER.match(lines[i])
+        if marker:
+            pending = _parse_options(marker.group("body").split(), page, i + 1)
+            i += 1
+            continue
+        m = _FENCE.match(lines[i])
+        if not m:
+            if lines[i].strip():
+                pending = None  # a marker applies to the very next fence only
+            i += 1
+            continue
+        indent, fence = m.group("indent"), m.group("fence")
+        info = m.group("info").strip()
+        words = info.replace("{", " ").replace("}", " ").replace(".", " ").split()
+        lang = words[0].lower() if words else ""
+        j = i + 1
+        close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$")
+        while j < len(lines) and not close.match(lines[j]):
+            j += 1
+        if lang in LANGUAGES:
+            body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
+            run, timeout = pending if pending is not None else (True, None)
+            info_run, info_timeout = _parse_options(
+                [w for w in words[1:] if w in ("no-run", "norun") or w.startswith("timeout=")],
+                page,
+                i + 1,
+            )
+            blocks.append(
+                Block(
+                    page=page,
+                    index=len(blocks) + 1,
+                    line=i + 2,
+                    source="\n".join(body) + "\n",
+                    run=run and info_run,
+                    timeout=info_timeout or timeout or DEFAULT_TIMEOUT,
+                )
+            )
+        pending = None
+        i = j + 1
+    return blocks
+
+
+def doc_pages() -> list[Path]:
+    pages = [ROOT / "README.md"] if (ROOT / "README.md").exists() else []
+    pages += sorted((ROOT / "docs").rglob("*.md"))
+    return pages
+
+
+def _all_blocks() -> list[Block]:
+    out: list[Block] = []
+    for path in doc_pages():
+        out += extract_blocks(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))
+    return out
+
+
+BLOCKS = _all_blocks()
+
+
+# --------------------------------------------------------------------------- child side
+class _BlockTimeout(Exception):
+    pass
+
+
+def _child_main(spec_path: str, result_path: str) -> None:
+    """Run a page's blocks in order in one namespace; write one result line per block."""
+    spec = json.loads(Path(spec_path).read_text())
+    sys.path.insert(0, spec["root"])
+    namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": __builtins__}
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise _BlockTimeout()
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    with open(result_path, "a", encoding="utf-8") as out:
+        for b in spec["blocks"]:
+            start = time.perf_counter()
+            status, detail = "ok", ""
+            try:
+                # Padding with newlines makes tracebacks show the Markdown file's line numbers.
+                code = compile("\n" * (b["line"] - 1) + b["source"], b["path"], "exec")
+                if b["run"]:
+                    signal.setitimer(signal.ITIMER_REAL, b["timeout"])
+                    try:
+                        exec(code, namespace)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+            except _BlockTimeout:
+                status, detail = "timeout", f"block ran past its time limit of {b['timeout']:g} s"
+            except BaseException:  # noqa: BLE001 - report everything, SystemExit included
+                status, detail = "error", traceback.format_exc()
+            elapsed = time.perf_counter() - start
+            out.write(json.dumps({"index": b["index"], "status": status, "detail": detail,
+                                  "seconds": elapsed}) + "\n")
+            out.flush()
+            if status != "ok":
+                break
+
+
+# --------------------------------------------------------------------------- parent side
+_RESULTS: dict[str, dict[int, dict[str, object]]] = {}
+
+
+def _warning_flags(config: pytest.Config) -> list[str]:
+    flags = []
+    for w in config.getoption("pythonwarnings") or []:
+        flags += ["-W", w]
+    return flags
+
+
+def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
+    if page in _RESULTS:
+        return _RESULTS[page]
+    blocks = [b for b in BLOCKS if b.page == page]
+    with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:
+        spec = {
+            "root": str(ROOT),
+            "blocks": [
+                {"index": b.index, "line": b.line, "source": b.source, "run": b.run,
+                 "timeout": b.timeout, "path": str(ROOT / b.page)}
+                for b in blocks
+            ],
+        }
+        spec_path = Path(tmp) / "spec.json"
+        result_path = Path(tmp) / "results.jsonl"
+        spec_path.write_text(json.dumps(spec))
+        workdir = Path(tmp) / "cwd"
+        workdir.mkdir()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.pop("PYTHONWARNINGS", None)
+        budget = sum(b.timeout for b in blocks if b.run) + 60.0
+        cmd = [sys.executable, *_warning_flags(config), str(Path(__file__).resolve()),
+               "--run-page", str(spec_path), str(result_path)]
+        try:
+            proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
+                                  timeout=budget)
+            tail = (proc.stdout[-4000:] + proc.stderr[-4000:]).strip()
+            rc: int | None = proc.returncode
+        except subprocess.TimeoutExpired as e:
+            tail, rc = f"page ran past its overall limit of {budget:g} s ({e})", None
+        results: dict[int, dict[str, object]] = {}
+        if result_path.exists():
+            for line in result_path.read_text().splitlines():
+                r = json.loads(line)
+                results[r["index"]] = r
+    results[0] = {"rc": rc, "output": tail}
+    _RESULTS[page] = results
+    return results
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_doc_block(block: Block, request: pytest.FixtureRequest) -> None:
+    results = _run_page(block.page, request.config)
+    r = results.get(block.index)
+    if r is None:
+        failed = [i for i, v in results.items() if i and v["status"] != "ok"]
+        if failed:
+            pytest.fail(f"not run: block {failed[0]} of {block.page} failed before it", pytrace=False)
+        pytest.fail(
+            f"{block.id} (line {block.line}) produced no result; the page's process exited "
+            f"with {results[0]['rc']}:\n{results[0]['output']}",
+            pytrace=False,
+        )
+    if r["status"] != "ok":
+        pytest.fail(f"{block.id} (line {block.line}) {r['status']}:\n{r['detail']}", pytrace=False)
+    assert r["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- the harness itself
+def test_collects_readme_and_docs() -> None:
+    pages = {b.page for b in BLOCKS}
+    assert "README.md" in pages
+    assert {"docs/quickstart.md", "docs/math.md", "docs/gamma.md", "docs/faq.md"} <= pages
+    # Every block of one page has a distinct, consecutive index.
+    for page in pages:
+        assert [b.index for b in BLOCKS if b.page == page] == list(
+            range(1, sum(b.page == page for b in BLOCKS) + 1)
+        )
+
+
+def test_extract_blocks_markers_and_languages() -> None:
+    text = "\n".join(
+        [
+            "# t",
+            "```python",
+            "a = 1",
+            "```",
+            "```bash",
+            "echo no",
+            "```",
+            "<!-- docs-test: no-run -->",
+            "```python",
+            "import missing_module",
+            "```",
+            "<!-- docs-test: timeout=5 -->",
+            "",
+            "```py",
+            "b = a",
+            "```",
+            "- item",
+            "",
+            "    ```python",
+            "    c = 2",
+            "    ```",
+            "````python no-run",
+            "```not a fence end",
+            "````",
+            "<!-- docs-test: no-run -->",
+            "text between: the marker no longer applies",
+            "```python",
+            "d = 4",
+            "```",
+        ]
+    )
+    blocks = extract_blocks(text, "x.md")
+    assert [b.source for b in blocks] == [
+        "a = 1\n", "import missing_module\n", "b = a\n", "c = 2\n", "```not a fence end\n", "d = 4\n"
+    ]
+    assert [b.run for b in blocks] == [True, False, True, True, False, True]
+    assert [b.timeout for b in blocks] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT, 5.0] + [DEFAULT_TIMEOUT] * 3
+    assert [b.line for b in blocks] == [3, 10, 15, 20, 23, 28]
+    with pytest.raises(ValueError, match="unknown docs-test option"):
+        extract_blocks("<!-- docs-test: typo -->\n```python\nx\n```\n", "y.md")
+
+
+def _run_fake_page(tmp_path: Path, sources: list[str], run: list[bool] | None = None,
+                   timeout: float = 20.0) -> list[dict[str, object]]:
+    md = tmp_path / "page.md"
+    md.write_text("")
+    spec = {"root": str(ROOT), "blocks": [
+        {"index": i + 1, "line": 10 * i + 1, "source": s, "run": True if run is None else run[i],
+         "timeout": timeout, "path": str(md)}
+        for i, s in enumerate(sources)
+    ]}
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "out.jsonl"
+    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-page", str(spec_path),
+                    str(result_path)], cwd=tmp_path, check=True, timeout=120)
+    return [json.loads(line) for line in result_path.read_text().splitlines()]
+
+
+def test_child_shares_state_within_a_page_and_stops_at_a_failure(tmp_path: Path) -> None:
+    res = _run_fake_page(tmp_path, ["x = 41\n", "x += 1\nassert x == 42\n", "assert x == 0\n", "y = 1\n"])
+    assert [r["status"] for r in res] == ["ok", "ok", "error"]
+    # The traceback names the Markdown file and the block's line there (block 3 starts at 21).
+    assert 'page.md", line 21' in res[2]["detail"]
+
+
+def test_child_enforces_the_time_limit_and_compiles_no_run_blocks(tmp_path: Path) -> None:
+    res = _run_fake_page(tmp_path, ["import time\ntime.sleep(30)\n"], timeout=1.0)
+    assert res[0]["status"] == "timeout" and res[0]["seconds"] < 10
+    res = _run_fake_page(tmp_path, ["raise SystemExit(3)\n", "x = 1\n"], run=[False, True])
+    assert [r["status"] for r in res] == ["ok", "ok"]
+    res = _run_fake_page(tmp_path, ["def broken(:\n"], run=[False])
+    assert res[0]["status"] == "error" and "SyntaxError" in res[0]["detail"]
+
+
+def test_version_has_one_source_and_the_changelog_leads_with_it() -> None:
+    import gru_optim
+
+    spec = importlib.util.spec_from_file_location("gru_docs_hooks", ROOT / "docs" / "hooks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    assert hooks.read_version() == gru_optim.__version__
+    assert hooks.substitute_version("v{{ version }} / {{version}}", "9.9") == "v9.9 / 9.9"
+    assert hooks.strip_roles(":func:<code>f</code> and x::</p>") == "<code>f</code> and x:</p>"
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    first = re.search(r"^## \[?(\d+\.\d+\.\d+[^\]\s]*)", changelog, re.M)
+    assert first is not None and first.group(1) == gru_optim.__version__
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--run-page":
+    _child_main(sys.argv[2], sys.argv[3])
