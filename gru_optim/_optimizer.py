@@ -704,7 +704,12 @@ class GRUOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, each parameter's entry holding its memory
-        under :data:`EMA_KEY`. Loads into a plain inner optimizer after dropping that key."""
+        under :data:`EMA_KEY`. Loads into a plain inner optimizer after dropping that key.
+
+        Every trainable parameter has an entry, zeros before its first retain gradient
+        (``m_0 = 0``), so that a template taken from a fresh optimizer (as
+        ``torch.distributed.checkpoint`` loads in place) has the keys to load the memory
+        into. :meth:`load_state_dict` reads an all-zero memory as no memory."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self._inner.state_dict()
@@ -717,6 +722,12 @@ class GRUOptimizer(Optimizer):
             entry = dict(state.get(k, {}))
             entry[EMA_KEY] = m
             state[k] = entry
+        for p in self._params():
+            if p.requires_grad and p not in self._ema:
+                k = index[id(p)]
+                entry = dict(state.get(k, {}))
+                entry[EMA_KEY] = self._new_ema(p)
+                state[k] = entry
         sd = {"state": state, "param_groups": sd["param_groups"]}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             hook_result = post_hook(self, sd)
@@ -777,6 +788,18 @@ class GRUOptimizer(Optimizer):
                     buf = self._new_ema(p)
                 buf.copy_(m)
                 new[p] = buf
+            if new:
+                # An all-zero memory is no memory (state_dict writes zeros for parameters
+                # without one). One host read, and one collective for sharded memories.
+                keys = list(new)
+                first = _local(new[keys[0]]).device
+                flags = torch.stack(
+                    [_local(new[q]).ne(0).any().to(first, torch.float32) for q in keys]
+                )
+                group = _sharded_group(keys)
+                if group is not None:
+                    self._all_reduce_fn(group)(flags)  # type: ignore[misc]
+                new = {q: new[q] for q, f in zip(keys, flags.tolist()) if f > 0}
         self._ema = new
         self._pending = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
