@@ -352,7 +352,17 @@ def test_version_has_one_source_and_the_changelog_leads_with_it() -> None:
     spec.loader.exec_module(hooks)
     assert hooks.read_version() == gru_optim.__version__
     assert hooks.substitute_version("v{{ version }} / {{version}}", "9.9") == "v9.9 / 9.9"
-    assert hooks.strip_roles(":func:<code>f</code> and x::</p>") == "<code>f</code> and x:</p>"
+    known = {"gru_optim.functional.segment_sum", "gru_optim.A.step", "gru_optim.B.step"}
+    html = (':func:<code>segment_sum</code>, :meth:<code>step</code>, :class:<code>~x.Y</code> '
+            'and :class:<code>~gru_optim.functional.segment_sum</code> x::</p>')
+    assert hooks.resolve_roles(html, known, local={"gru_optim.B.step"}) == (
+        '<autoref identifier="gru_optim.functional.segment_sum" optional><code>segment_sum</code>'
+        '</autoref>, <autoref identifier="gru_optim.B.step" optional><code>step</code></autoref>,'
+        ' <code>Y</code> and <autoref identifier="gru_optim.functional.segment_sum" optional>'
+        "<code>segment_sum</code></autoref> x:</p>"
+    )
+    # An ambiguous short name with no candidate on the page stays plain code.
+    assert hooks.resolve_roles(":meth:<code>step</code>", known, local=set()) == "<code>step</code>"
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     first = re.search(r"^## \[?(\d+\.\d+\.\d+[^\]\s]*)", changelog, re.M)
     assert first is not None and first.group(1) == gru_optim.__version__
