@@ -1,0 +1,402 @@
+"""GRU's own work per step against one AdamW update, the reference style and PCGrad style.
+
+One "step" of every method follows the same protocol, driven by the harness:
+
+1. ``pre_retain()``                      (timed)
+2. the retain backward writes ``.grad``  (simulated by a copy; not timed)
+3. ``post_retain()``                     (timed: fold the retain gradient into the memory)
+4. the forget backward writes ``.grad``  (simulated by a copy; not timed)
+5. ``post_forget()``                     (timed: rectify ``.grad`` in place)
+
+so a method's time is everything it adds to a training step except the backward passes
+and the inner optimizer's update. The forget gradient is built to conflict with the
+retain memory, so the projection runs on every step (the JSON records that it did).
+
+Methods:
+
+- ``gru``: ``GRUOptimizer`` around an optimizer whose ``step`` does nothing (the
+  wrapper minus the inner step), closure-free path (``retain_pass`` + ``step``), default
+  settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``).
+- ``gru_core``: the functional core alone: ``ema_update_`` then ``rectify_``.
+- ``adamw``: one ``torch.optim.AdamW(foreach=True)`` update of the same parameters.
+- ``adamw_fused``: the same with ``fused=True`` (for information).
+- ``reference``: :class:`baselines.ReferenceStyleGRU` (the authors' approach).
+- ``pcgrad``: :class:`baselines.PCGradStyle` (flatten and project).
+- ``copy``: ``torch._foreach_copy_`` of all gradients, to measure the copy bandwidth
+  of the machine in the same run (bytes moved = 2 x gradient bytes).
+
+Run: ``python benchmarks/bench_step.py [--quick] [--size 30M] [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import _common as C
+from baselines import PCGradStyle, ReferenceStyleGRU
+from gru_optim import GRUOptimizer
+from gru_optim.functional import ema_update_, rectify_
+
+GAMMA = 0.8
+
+# Bytes GRU has to move per parameter element per conflicting step, fp32 gradients and
+# memory, with every pass fused as far as the mathematics allows:
+#   EMA update   read g_r, read m, write m      3 x 4 B
+#   dot + norm   read g_u, read m               2 x 4 B   (<g_u,m> and ||m||^2 in one pass)
+#   projection   read g_u, read m, write g_u    3 x 4 B
+GRU_MIN_BYTES_PER_ELEM = 32
+# What the current implementation moves (fp32): EMA 12, retain norm 4, zero 4 (wrapper),
+# forget norm 4 (wrapper), dots 8, ||m||^2 4, projection 12.
+GRU_WRAPPER_BYTES_PER_ELEM = 48
+GRU_CORE_BYTES_PER_ELEM = 36
+# foreach AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
+# exp_avg_sq at least once: 7 x 4 B.
+ADAMW_MIN_BYTES_PER_ELEM = 28
+
+METHOD_LABELS = {
+    "gru": "GRU wrapper (own work)",
+    "gru_core": "GRU functional core",
+    "adamw": "AdamW foreach step",
+    "adamw_fused": "AdamW fused step",
+    "reference": "reference-style GRU",
+    "pcgrad": "PCGrad-style GRU",
+    "copy": "copy of all grads",
+}
+
+
+class _NoOpOptimizer(torch.optim.Optimizer):
+    """An inner optimizer whose step does nothing: isolates the wrapper's own work."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        return None
+
+
+class _Method:
+    name = ""
+
+    def pre_retain(self) -> None:
+        pass
+
+    def post_retain(self) -> None:
+        pass
+
+    def post_forget(self) -> None:
+        pass
+
+    def conflicted(self) -> bool | None:
+        return None
+
+
+class _GRUWrapper(_Method):
+    name = "gru"
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA)
+        self._ctx: Any = None
+
+    def pre_retain(self) -> None:
+        self._ctx = self.opt.retain_pass()
+        self._ctx.__enter__()
+
+    def post_retain(self) -> None:
+        self._ctx.__exit__(None, None, None)
+        self._ctx = None
+
+    def post_forget(self) -> None:
+        self.opt.step()
+
+    def conflicted(self) -> bool | None:
+        return bool(self.opt.last_stats["conflict"])
+
+
+class _GRUCore(_Method):
+    name = "gru_core"
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.ema = [torch.zeros_like(p) for p in params]
+        self.last: Any = None
+
+    def post_retain(self) -> None:
+        ema_update_(self.ema, [p.grad for p in self.params], GAMMA)
+
+    def post_forget(self) -> None:
+        self.last = rectify_([p.grad for p in self.params], self.ema)
+
+    def conflicted(self) -> bool | None:
+        return bool((self.last.coef != 0).any())
+
+
+class _AdamW(_Method):
+    def __init__(self, params: list[torch.Tensor], fused: bool) -> None:
+        self.name = "adamw_fused" if fused else "adamw"
+        kw = {"fused": True} if fused else {"foreach": True}
+        self.opt = torch.optim.AdamW(params, lr=1e-8, weight_decay=0.01, **kw)
+
+    def post_forget(self) -> None:
+        self.opt.step()
+
+
+class _Baseline(_Method):
+    def __init__(self, impl: Any, name: str) -> None:
+        self.impl = impl
+        self.name = name
+
+    def post_retain(self) -> None:
+        self.impl.post_retain()
+
+    def post_forget(self) -> None:
+        self.impl.post_forget()
+
+    def conflicted(self) -> bool | None:
+        if isinstance(self.impl, ReferenceStyleGRU):
+            return self.impl.last_dot < 0
+        return None
+
+
+class _Copy(_Method):
+    name = "copy"
+
+    def __init__(self, grads: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        self.grads, self.src = grads, src
+
+    def post_forget(self) -> None:
+        torch._foreach_copy_(self.grads, self.src)
+
+
+def available_methods(numel: int, include_baselines: bool) -> list[str]:
+    names = ["gru", "gru_core", "adamw", "adamw_fused", "copy"]
+    if include_baselines:
+        names[3:3] = ["reference", "pcgrad"]
+    return names
+
+
+def measure(
+    shape: C.ModelShape,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    methods: list[str] | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Time the methods on one model shape, interleaved; return a JSON-ready dict."""
+    torch.manual_seed(0)
+    params = C.make_params(shape)
+    numel = sum(p.numel() for p in params)
+    # Retain gradient source: the parameters themselves (no extra memory). Forget source:
+    # mostly opposed to it, so <g_u, m> < 0 and the projection runs every step.
+    forget_src = [p.detach().mul(-0.5).add_(torch.randn_like(p), alpha=0.01) for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    retain_src = [p.detach() for p in params]
+    named = [(n, p) for (n, _), p in zip(shape.shapes(), params)]
+
+    methods = methods or available_methods(numel, include_baselines=True)
+    impls: dict[str, _Method] = {}
+    for m in methods:
+        if m == "gru":
+            impls[m] = _GRUWrapper(params)
+        elif m == "gru_core":
+            impls[m] = _GRUCore(params)
+        elif m == "adamw":
+            impls[m] = _AdamW(params, fused=False)
+        elif m == "adamw_fused":
+            impls[m] = _AdamW(params, fused=True)
+        elif m == "reference":
+            impls[m] = _Baseline(ReferenceStyleGRU(named, GAMMA), m)
+        elif m == "pcgrad":
+            impls[m] = _Baseline(PCGradStyle(params, GAMMA), m)
+        elif m == "copy":
+            impls[m] = _Copy(grads, forget_src)
+        else:
+            raise ValueError(f"unknown method {m!r}")
+
+    def runner(impl: _Method) -> Callable[[], float]:
+        def run() -> float:
+            t = 0.0
+            t0 = C.clock()
+            impl.pre_retain()
+            t += C.clock() - t0
+            torch._foreach_copy_(grads, retain_src)  # the retain backward
+            t0 = C.clock()
+            impl.post_retain()
+            t += C.clock() - t0
+            torch._foreach_copy_(grads, forget_src)  # the forget backward
+            t0 = C.clock()
+            impl.post_forget()
+            t += C.clock() - t0
+            return t
+
+        return run
+
+    gc.collect()
+    samples = C.interleaved({k: runner(v) for k, v in impls.items()}, repeats, warmup)
+    stats = {k: C.summarize(v) for k, v in samples.items()}
+    conflicts = {k: impls[k].conflicted() for k in impls if impls[k].conflicted() is not None}
+    med = {k: v["median_s"] for k, v in stats.items()}
+
+    elem = 4
+    res: dict[str, Any] = {
+        "shape": {
+            "name": shape.name,
+            "d": shape.d,
+            "layers": shape.layers,
+            "vocab": shape.vocab,
+            "numel": numel,
+            "n_tensors": len(params),
+            "largest_tensor_numel": max(p.numel() for p in params),
+            "dtype": "float32",
+        },
+        "repeats": repeats,
+        "warmup": warmup,
+        "methods": {k: {**stats[k], "samples_s": samples[k]} for k in stats},
+        "conflict_every_step": conflicts,
+    }
+    ratios: dict[str, float] = {}
+    if "gru" in med:
+        for other in ("adamw", "adamw_fused", "reference", "pcgrad", "gru_core"):
+            if other in med:
+                ratios[f"gru_over_{other}"] = med["gru"] / med[other]
+        if "reference" in med:
+            ratios["reference_over_gru"] = med["reference"] / med["gru"]
+        if "pcgrad" in med:
+            ratios["pcgrad_over_gru"] = med["pcgrad"] / med["gru"]
+    if "gru_core" in med:
+        for other in ("adamw", "reference"):
+            if other in med:
+                ratios[f"gru_core_over_{other}"] = med["gru_core"] / med[other]
+        if "reference" in med:
+            ratios["reference_over_gru_core"] = med["reference"] / med["gru_core"]
+    res["ratios"] = ratios
+    if "copy" in med:
+        bw = 2 * elem * numel / med["copy"]
+        t_bound = GRU_MIN_BYTES_PER_ELEM * numel / bw
+        res["bandwidth"] = {
+            "copy_bandwidth_GBps": bw / 1e9,
+            "copy_bytes": 2 * elem * numel,
+            "gru_min_bytes_per_param": GRU_MIN_BYTES_PER_ELEM,
+            "gru_min_bytes": GRU_MIN_BYTES_PER_ELEM * numel,
+            "gru_bound_s": t_bound,
+            "gru_wrapper_bytes_per_param_actual": GRU_WRAPPER_BYTES_PER_ELEM,
+            "gru_core_bytes_per_param_actual": GRU_CORE_BYTES_PER_ELEM,
+            "adamw_min_bytes_per_param": ADAMW_MIN_BYTES_PER_ELEM,
+        }
+        for k in ("gru", "gru_core", "adamw", "adamw_fused", "reference", "pcgrad"):
+            if k in med:
+                res["bandwidth"][f"{k}_over_bound"] = med[k] / t_bound
+    if verbose:
+        print_step_table(res)
+    del impls, params, grads, forget_src, retain_src
+    gc.collect()
+    return res
+
+
+def step_rows(res: dict[str, Any]) -> list[list[Any]]:
+    med = {k: v["median_s"] for k, v in res["methods"].items()}
+    base = med.get("adamw")
+    bound = res.get("bandwidth", {}).get("gru_bound_s")
+    rows = []
+    for k, v in res["methods"].items():
+        rows.append(
+            [
+                METHOD_LABELS.get(k, k),
+                v["median_s"] * 1e3,
+                v["q1_s"] * 1e3,
+                v["q3_s"] * 1e3,
+                v["median_s"] / base if base else float("nan"),
+                v["median_s"] / med["gru"] if "gru" in med else float("nan"),
+                v["median_s"] / bound if bound else float("nan"),
+            ]
+        )
+    return rows
+
+
+STEP_HEADERS = [
+    "method",
+    "median ms",
+    "q1 ms",
+    "q3 ms",
+    "x AdamW foreach",
+    "x GRU wrapper",
+    "x GRU bound",
+]
+
+
+def print_step_table(res: dict[str, Any]) -> None:
+    s = res["shape"]
+    C.print_table(
+        f"{s['name']}: {s['numel'] / 1e6:.1f}M params in {s['n_tensors']} tensors, "
+        f"median of {res['repeats']} interleaved repeats",
+        STEP_HEADERS,
+        step_rows(res),
+    )
+    if "bandwidth" in res:
+        b = res["bandwidth"]
+        print(
+            f"copy bandwidth {b['copy_bandwidth_GBps']:.2f} GB/s; GRU must move "
+            f"{b['gru_min_bytes_per_param']} B/param -> bound {b['gru_bound_s'] * 1e3:.1f} ms; "
+            f"GRU wrapper at {b.get('gru_over_bound', float('nan')):.2f}x the bound"
+        )
+    print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
+
+
+def markdown(res: dict[str, Any]) -> str:
+    s = res["shape"]
+    b = res.get("bandwidth", {})
+    lines = [
+        f"{s['numel'] / 1e6:.1f}M fp32 parameters in {s['n_tensors']} tensors "
+        f"(d={s['d']}, {s['layers']} layers, vocab {s['vocab']}); median of "
+        f"{res['repeats']} interleaved repeats; every step conflicted: "
+        f"{res['conflict_every_step']}.",
+        "",
+        C.markdown_table(STEP_HEADERS, step_rows(res)),
+    ]
+    if b:
+        lines += [
+            "",
+            f"Copy bandwidth measured in the same run: {b['copy_bandwidth_GBps']:.2f} GB/s. "
+            f"GRU must move at least {b['gru_min_bytes_per_param']} bytes per fp32 "
+            f"parameter per conflicting step ({b['gru_min_bytes'] / 1e6:.0f} MB here), a "
+            f"bound of {b['gru_bound_s'] * 1e3:.1f} ms; the wrapper takes "
+            f"{b.get('gru_over_bound', float('nan')):.2f}x that bound, the functional core "
+            f"{b.get('gru_core_over_bound', float('nan')):.2f}x.",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few repeats (smoke)")
+    ap.add_argument("--size", default=None, help=f"one of {list(C.SHAPES)} (default 30M)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=None, help="results folder (default docs/results)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default 1)")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    C.set_threads(args.threads)
+    shape = C.TINY if args.quick else C.SHAPES[args.size or "30M"]
+    repeats = args.repeats or (3 if args.quick else 15)
+    res = measure(shape, repeats=repeats, warmup=1 if args.quick else 2)
+    payload = {"benchmark": "step", "quick": args.quick, "env": C.environment(), **res}
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else None
+    C.write_json("bench_step", payload, out)
+    md = markdown(res)
+    C.write_markdown("bench_step", md, out)
+    if out is None and not args.no_doc and not args.quick:
+        C.update_doc_section("bench_step", md)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
