@@ -1,0 +1,139 @@
+"""GRU under torch.distributed: DDP, ZeroRedundancyOptimizer, FSDP2, distributed checkpoints.
+
+Two real processes with a gloo process group on the CPU (tests/_dist_workers.py). Each
+suite is one spawned run holding several checks; the tests below compare what the ranks
+returned with one process training on the union of the ranks' batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import _dist_workers as W
+
+WORLD = 2
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b) and len(a) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def ddp() -> list[dict[str, Any]]:
+    return W.spawn("ddp", WORLD)
+
+
+@pytest.fixture(scope="module")
+def fsdp() -> list[dict[str, Any]]:
+    return W.spawn("fsdp", WORLD)
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return W.reference_run()
+
+
+def test_reference_moves_and_rectifies() -> None:
+    # The single-process run the distributed runs are compared with does something: the
+    # weights move and the memory is not zero.
+    params, mems = W.reference_run()
+    start = list(W.make_model().parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(params, start))
+    assert all(m.abs().sum() > 0 for m in mems)
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_ddp_replicas_identical_and_equal_to_one_process(ddp, reference) -> None:
+    identical(ddp[0]["closures"], ddp[1]["closures"])
+    identical(ddp[0]["closures_mem"], ddp[1]["closures_mem"])
+    close(ddp[0]["closures"], reference[0])
+    close(ddp[0]["closures_mem"], reference[1])
+
+
+def test_ddp_bucket_view_no_sync_closure_free(ddp, reference) -> None:
+    # gradient_as_bucket_view=True: GRU wrote into the bucket views, never replaced them.
+    for r in ddp:
+        assert r["bucket_storages_same"] is True
+        assert r["bucket_storages"] == 1  # the whole model's gradients live in one bucket
+    identical(ddp[0]["bucket_view"], ddp[1]["bucket_view"])
+    close(ddp[0]["bucket_view"], reference[0])
+    close(ddp[0]["bucket_view_mem"], reference[1])
+
+
+def test_ddp_no_sync_closures_with_retain_weight(ddp) -> None:
+    params, _ = W.reference_run(retain_weight=0.5)
+    identical(ddp[0]["no_sync_rw"], ddp[1]["no_sync_rw"])
+    close(ddp[0]["no_sync_rw"], params)
+    # ... and it is another run than without the retain term.
+    assert not torch.allclose(ddp[0]["no_sync_rw"][0], ddp[0]["closures"][0])
+
+
+def test_zero_redundancy_optimizer_inside_gru(ddp, reference) -> None:
+    identical(ddp[0]["zero"], ddp[1]["zero"])
+    close(ddp[0]["zero"], reference[0])
+    # The AdamW state is partitioned: each rank holds less than the full 2 x numel.
+    for r in ddp:
+        assert 0 < r["zero_local_state"] < 2 * r["numel"]
+    assert sum(r["zero_local_state"] for r in ddp) == 2 * ddp[0]["numel"]
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def test_fsdp2_equals_one_process(fsdp, reference) -> None:
+    identical(fsdp[0]["fsdp"], fsdp[1]["fsdp"])
+    close(fsdp[0]["fsdp"], reference[0])
+    close(fsdp[0]["fsdp_mem"], reference[1])
+    close(fsdp[0]["fsdp_no_skip"], reference[0])
+
+
+def test_fsdp2_per_tensor_granularity(fsdp) -> None:
+    params, _ = W.reference_run(granularity="tensor")
+    close(fsdp[0]["fsdp_tensor"], params)
+    assert not torch.allclose(fsdp[0]["fsdp_tensor"][0], fsdp[0]["fsdp"][0])
+
+
+def test_fsdp2_memory_is_sharded_like_the_parameters(fsdp) -> None:
+    for r in fsdp:
+        assert r["placements_match"] is True
+        assert r["mem_local"] == r["param_local"]
+    assert sum(r["mem_local"] for r in fsdp) == fsdp[0]["numel"]
+    assert fsdp[0]["mem_local"] * WORLD == fsdp[0]["numel"]
+
+
+def test_fsdp2_collectives_per_step(fsdp) -> None:
+    n_tensors = 6
+    for r in fsdp:
+        # skip_nonfinite (default): the retain pass reduces one float (is the retain
+        # gradient finite?), the step one packed [dot, ||m||^2, ||g||^2].
+        assert r["calls_default"] == [[(1, 4), (3, 12)]] * W.STEPS
+        assert r["calls_no_skip"] == [[(3, 12)]] * W.STEPS
+        k = 2 * n_tensors + 1
+        assert r["calls_tensor"] == [[(1, 4), (k, 4 * k)]] * W.STEPS
+        assert r["calls_plain"] == []
+
+
+def test_fsdp2_distributed_checkpoint_resumes_exactly(fsdp) -> None:
+    for r in fsdp:
+        identical(r["dcp_loaded_mem"], r["dcp_saved_mem"])
+        identical(r["dcp_resumed"], r["dcp_continued"])
+        identical(r["dcp_resumed_mem"], r["dcp_continued_mem"])
+        assert r["full_osd_has_mem"] is True
+        assert r["full_roundtrip_mem_equal"] is True
+    # The checkpoint was taken mid-run: the memory moved on after it.
+    assert not torch.equal(fsdp[0]["dcp_saved_mem"][0], fsdp[0]["dcp_continued_mem"][0])
+
+
+def test_no_warning_from_gru_in_the_workers(ddp, fsdp) -> None:
+    for r in ddp + fsdp:
+        assert isinstance(r["warnings"], list)
+        assert not [w for w in r["warnings"] if "gru_optim" in w]
