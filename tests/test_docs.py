@@ -20,8 +20,11 @@ rendered page)::
     <!-- docs-test: no-run -->           the next block is only compiled, never executed
 
 ``no-run`` is for blocks that truly cannot run here (several GPUs, a download); prefer a
-runnable block. The same is accepted in the fence's info string: ```` ```python no-run ````.
-A ``no-run`` block is still a test item: it must compile.
+runnable block. A ``no-run`` block is still a test item: it must compile. The attribute
+form ```` ```{.python .no-run} ```` is accepted too (an invisible CSS class). Words after
+the language in a plain info string (```` ```python no-run ````) are refused: the
+Markdown renderer (pymdownx.superfences) then no longer sees a fence and the page breaks;
+only ``key="value"`` options (``title="train.py"``) may follow the language.
 
 Blocks in other languages (bash, text, pycon, ...) are not collected.
 """
@@ -59,22 +62,47 @@ class Block:
     source: str
     run: bool
     timeout: float
+    problem: str | None = None  # why the block is malformed (its test item fails)
 
     @property
     def id(self) -> str:
         return f"{self.page}:{self.index}"
 
 
-def _parse_options(words: list[str], page: str, line: int) -> tuple[bool, float | None]:
-    run, timeout = True, None
+_Options = tuple[bool, float | None, str | None]  # run, timeout, problem
+
+
+def _parse_options(words: list[str]) -> _Options:
+    run, timeout, problem = True, None, None
     for word in words:
-        if word in ("no-run", "norun", "skip"):
+        if word in ("no-run", "norun"):
             run = False
-        elif word.startswith("timeout="):
+        elif re.fullmatch(r"timeout=\d+(\.\d*)?", word):
             timeout = float(word.split("=", 1)[1])
-        elif word:
-            raise ValueError(f"{page}:{line}: unknown docs-test option {word!r}")
-    return run, timeout
+        else:
+            problem = f"unknown docs-test option {word!r} (known: no-run, timeout=SECONDS)"
+    return run, timeout, problem
+
+
+_OPTION = re.compile(r'^[A-Za-z_][\w-]*=("[^"]*"|\'[^\']*\'|\S+)$')
+
+
+def _parse_info(info: str) -> tuple[str, bool, str | None]:
+    """(language, runnable, problem) of a fence's info string."""
+    if info.startswith("{") and info.endswith("}"):
+        classes = [t[1:] for t in info[1:-1].split() if t.startswith(".")]
+        lang = classes[0].lower() if classes else ""
+        return lang, not ({"no-run", "norun"} & set(classes[1:])), None
+    lang, _, rest = info.partition(" ")
+    lang = lang.lower()
+    extra = [w for w in re.findall(r'\S+="[^"]*"|\S+=\'[^\']*\'|\S+', rest) if not _OPTION.match(w)]
+    if extra:
+        return lang, False, (
+            f"the fence's info string {info!r} has words after the language, which breaks "
+            "the rendered page; mark the block with <!-- docs-test: no-run --> on the line "
+            "before the fence, or write ```{.python .no-run}"
+        )
+    return lang, True, None
 
 
 def extract_blocks(text: str, page: str) -> list[Block]:
@@ -82,11 +110,11 @@ def extract_blocks(text: str, page: str) -> list[Block]:
     lines = text.splitlines()
     blocks: list[Block] = []
     i = 0
-    pending: tuple[bool, float | None] | None = None
+    pending: _Options | None = None
     while i < len(lines):
         marker = _MARKER.match(lines[i])
         if marker:
-            pending = _parse_options(marker.group("body").split(), page, i + 1)
+            pending = _parse_options(marker.group("body").split())
             i += 1
             continue
         m = _FENCE.match(lines[i])
@@ -97,28 +125,24 @@ def extract_blocks(text: str, page: str) -> list[Block]:
             continue
         indent, fence = m.group("indent"), m.group("fence")
         info = m.group("info").strip()
-        words = info.replace("{", " ").replace("}", " ").replace(".", " ").split()
-        lang = words[0].lower() if words else ""
+        lang, info_run, problem = _parse_info(info)
         j = i + 1
         close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$")
         while j < len(lines) and not close.match(lines[j]):
             j += 1
         if lang in LANGUAGES:
             body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
-            run, timeout = pending if pending is not None else (True, None)
-            info_run, info_timeout = _parse_options(
-                [w for w in words[1:] if w in ("no-run", "norun") or w.startswith("timeout=")],
-                page,
-                i + 1,
-            )
+            run, timeout, marker_problem = pending if pending is not None else (True, None, None)
+            problem = problem or marker_problem
             blocks.append(
                 Block(
                     page=page,
                     index=len(blocks) + 1,
                     line=i + 2,
                     source="\n".join(body) + "\n",
-                    run=run and info_run,
-                    timeout=info_timeout or timeout or DEFAULT_TIMEOUT,
+                    run=run and info_run and problem is None,
+                    timeout=timeout or DEFAULT_TIMEOUT,
+                    problem=problem,
                 )
             )
         pending = None
@@ -237,6 +261,8 @@ def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_doc_block(block: Block, request: pytest.FixtureRequest) -> None:
+    if block.problem is not None:
+        pytest.fail(f"{block.id} (line {block.line - 1}): {block.problem}", pytrace=False)
     results = _run_page(block.page, request.config)
     r = results.get(block.index)
     if r is None:
@@ -289,9 +315,15 @@ def test_extract_blocks_markers_and_languages() -> None:
             "    ```python",
             "    c = 2",
             "    ```",
-            "````python no-run",
+            "````{.python .no-run}",
             "```not a fence end",
             "````",
+            '```python title="x.py"',
+            "e = 5",
+            "```",
+            "```python no-run",
+            "f = 6",
+            "```",
             "<!-- docs-test: no-run -->",
             "text between: the marker no longer applies",
             "```python",
@@ -301,13 +333,16 @@ def test_extract_blocks_markers_and_languages() -> None:
     )
     blocks = extract_blocks(text, "x.md")
     assert [b.source for b in blocks] == [
-        "a = 1\n", "import missing_module\n", "b = a\n", "c = 2\n", "```not a fence end\n", "d = 4\n"
+        "a = 1\n", "import missing_module\n", "b = a\n", "c = 2\n", "```not a fence end\n",
+        "e = 5\n", "f = 6\n", "d = 4\n",
     ]
-    assert [b.run for b in blocks] == [True, False, True, True, False, True]
-    assert [b.timeout for b in blocks] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT, 5.0] + [DEFAULT_TIMEOUT] * 3
-    assert [b.line for b in blocks] == [3, 10, 15, 20, 23, 28]
-    with pytest.raises(ValueError, match="unknown docs-test option"):
-        extract_blocks("<!-- docs-test: typo -->\n```python\nx\n```\n", "y.md")
+    assert [b.run for b in blocks] == [True, False, True, True, False, True, False, True]
+    assert [b.timeout for b in blocks] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT, 5.0] + [DEFAULT_TIMEOUT] * 5
+    assert [b.line for b in blocks] == [3, 10, 15, 20, 23, 26, 29, 34]
+    assert [b.problem is not None for b in blocks] == [False] * 6 + [True, False]
+    assert "docs-test: no-run" in (blocks[6].problem or "")
+    (typo,) = extract_blocks("<!-- docs-test: typo -->\n```python\nx\n```\n", "y.md")
+    assert not typo.run and "unknown docs-test option 'typo'" in (typo.problem or "")
 
 
 def _run_fake_page(tmp_path: Path, sources: list[str], run: list[bool] | None = None,
