@@ -37,7 +37,7 @@ docs-serve: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis
