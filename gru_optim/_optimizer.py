@@ -695,7 +695,8 @@ class GRUOptimizer(Optimizer):
             "forget_grad_norm": g_norm,
             "retain_grad_norm": pending.grad_norm.to(device),
             "ema_norm": ema_norm,
-            "skipped": torch.tensor(skipped, device=device),
+            # a fill, not a host-to-device copy: no synchronisation on accelerators
+            "skipped": torch.full((), skipped, dtype=torch.bool, device=device),
         }
 
     # ------------------------------------------------------------------ checkpoints
@@ -777,6 +778,19 @@ class GRUOptimizer(Optimizer):
                         f"parameter {tuple(p.shape)}: the state dict comes from another model"
                     )
                 emas[p] = m
+            for name, v in entry.items():
+                # Per-parameter buffers (exp_avg, momentum_buffer, ...) have the
+                # parameter's shape; factored ones (Adafactor's row/col variances) have 1
+                # where they are reduced. Anything else comes from another model.
+                if (
+                    isinstance(v, Tensor)
+                    and v.dim() == p.dim() > 0
+                    and any(a not in (b, 1) for a, b in zip(v.shape, p.shape))
+                ):
+                    raise ValueError(
+                        f"state {name!r} of parameter {k} has shape {tuple(v.shape)}, the "
+                        f"parameter {tuple(p.shape)}: the state dict comes from another model"
+                    )
             if entry:
                 inner_state[k] = entry
         self._inner.load_state_dict({"state": inner_state, "param_groups": saved_groups})
