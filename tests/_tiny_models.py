@@ -104,3 +104,4 @@ def qa_examples(names: list[str], idk: bool = False) -> list[dict[str, list[int]
 
 FORGET_AUTHORS = FIRST[:2]
 RETAIN_AUTHORS = FIRST[2:8]
+
