@@ -512,6 +512,12 @@ class GRUOptimizer(Optimizer):
         ``last_stats["skipped"]``. The memory is left untouched when the retain gradient
         is not finite; when only the forget gradient is, the memory keeps this step's
         (finite) retain gradient, measured at the unchanged weights.
+
+        Errors are raised before the weights or the inner state change. An error about
+        the retain side (no gradient, sparse or complex gradients) leaves the memory
+        untouched too; one found after the retain gradient was folded in (a forget
+        closure that computes no gradient) leaves the memory holding it, as above:
+        undoing the fold would need a second parameter-sized buffer.
         """
         self._check_callable("closure", closure)
         self._check_callable("retain_closure", retain_closure)
