@@ -531,3 +531,46 @@ def test_pickled_copy_keeps_step_hooks_working() -> None:
     opt2.zero_grad()
     opt2.step(f, r)
     assert calls == [opt2]
+
+
+def test_retain_pass_then_forget_closure_in_step() -> None:
+    """``step(forget_closure)`` after a retain_pass is the same as the closure pair."""
+    a, b = make_net(), make_net()
+    oa = GRUOptimizer(make_inner("rmsprop", a))
+    ob = GRUOptimizer(make_inner("rmsprop", b))
+    for t in range(3):
+        f, r = closures(a, t)
+        oa.zero_grad()
+        la = oa.step(f, r)
+        f2, r2 = closures(b, t)
+        ob.zero_grad()
+        with ob.retain_pass():
+            r2()
+        lb = ob.step(f2)
+        assert torch.equal(la, lb)
+    assert_params_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rectified_gradient_left_in_grad_does_not_conflict(dtype: torch.dtype) -> None:
+    """After a gradient-space step .grad holds g~ (SGD leaves it there): <g~, m> >= 0 over
+    all parameters up to rounding, in low precision too, with a float32 memory."""
+    model = make_net(dtype)
+    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+    conflicts = 0
+    for t in range(5):
+        f, r = closures(model, t)
+        opt.zero_grad()
+        opt.step(f, r)
+        conflicts += int(bool(opt.last_stats["conflict"]))
+        pairs = [(p.grad.double(), opt.retain_memory(p)) for p in model.parameters()
+                 if opt.retain_memory(p) is not None]
+        assert all(m.dtype == torch.float32 for _, m in pairs)
+        dot = sum(float((g * m.double()).sum()) for g, m in pairs)
+        gn = math.sqrt(sum(float(g.square().sum()) for g, _ in pairs))
+        mn = math.sqrt(sum(float(m.double().square().sum()) for _, m in pairs))
+        eps = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+        assert dot >= -eps * gn * mn
+        for k, v in opt.last_stats.items():
+            assert not v.is_floating_point() or bool(torch.isfinite(v)), k
+    assert conflicts > 0
