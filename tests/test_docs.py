@@ -10,7 +10,8 @@ How the blocks run
   earlier block of its page failed.
 - The subprocess runs in an empty temporary directory (files a block writes go there),
   with the repository root first on ``sys.path``, ``OMP_NUM_THREADS=1`` unless set, and
-  pytest's ``-W`` options (``pytest -W error`` makes warnings errors in the blocks too).
+  pytest's warning filters (the ``filterwarnings`` ini option, then ``-W``, applied as
+  pytest applies them): under ``pytest -W error`` a warning in a block fails it.
 - Each block has a time limit: 60 s, or ``timeout=N`` from a marker.
 
 Markers (an HTML comment on the line right before the opening fence, invisible on the
@@ -41,10 +42,12 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _pytest.config import apply_warning_filters
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TIMEOUT = 60.0
@@ -175,6 +178,10 @@ def _child_main(spec_path: str, result_path: str) -> None:
     """Run a page's blocks in order in one namespace; write one result line per block."""
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, spec["root"])
+    filters = spec.get("warnings", {"ini": [], "cmdline": []})
+    warnings.filterwarnings("always", category=DeprecationWarning)
+    warnings.filterwarnings("always", category=PendingDeprecationWarning)
+    apply_warning_filters(filters["ini"], filters["cmdline"])
     namespace: dict[str, object] = {"__name__": "__main__", "__builtins__": __builtins__}
 
     def on_alarm(signum: int, frame: object) -> None:
@@ -210,11 +217,11 @@ def _child_main(spec_path: str, result_path: str) -> None:
 _RESULTS: dict[str, dict[int, dict[str, object]]] = {}
 
 
-def _warning_flags(config: pytest.Config) -> list[str]:
-    flags = []
-    for w in config.getoption("pythonwarnings") or []:
-        flags += ["-W", w]
-    return flags
+def _warning_filters(config: pytest.Config) -> dict[str, list[str]]:
+    return {
+        "ini": list(config.getini("filterwarnings")),
+        "cmdline": list(config.known_args_namespace.pythonwarnings or []),
+    }
 
 
 def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
@@ -224,6 +231,7 @@ def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
     with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:
         spec = {
             "root": str(ROOT),
+            "warnings": _warning_filters(config),
             "blocks": [
                 {"index": b.index, "line": b.line, "source": b.source, "run": b.run,
                  "timeout": b.timeout, "path": str(ROOT / b.page)}
@@ -240,7 +248,7 @@ def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONWARNINGS", None)
         budget = sum(b.timeout for b in blocks if b.run) + 60.0
-        cmd = [sys.executable, *_warning_flags(config), str(Path(__file__).resolve()),
+        cmd = [sys.executable, str(Path(__file__).resolve()),
                "--run-page", str(spec_path), str(result_path)]
         try:
             proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
@@ -346,10 +354,11 @@ def test_extract_blocks_markers_and_languages() -> None:
 
 
 def _run_fake_page(tmp_path: Path, sources: list[str], run: list[bool] | None = None,
-                   timeout: float = 20.0) -> list[dict[str, object]]:
+                   timeout: float = 20.0, filters: dict[str, list[str]] | None = None,
+                   ) -> list[dict[str, object]]:
     md = tmp_path / "page.md"
     md.write_text("")
-    spec = {"root": str(ROOT), "blocks": [
+    spec = {"root": str(ROOT), "warnings": filters or {"ini": [], "cmdline": []}, "blocks": [
         {"index": i + 1, "line": 10 * i + 1, "source": s, "run": True if run is None else run[i],
          "timeout": timeout, "path": str(md)}
         for i, s in enumerate(sources)
@@ -376,6 +385,19 @@ def test_child_enforces_the_time_limit_and_compiles_no_run_blocks(tmp_path: Path
     assert [r["status"] for r in res] == ["ok", "ok"]
     res = _run_fake_page(tmp_path, ["def broken(:\n"], run=[False])
     assert res[0]["status"] == "error" and "SyntaxError" in res[0]["detail"]
+
+
+def test_child_applies_pytest_warning_filters(tmp_path: Path) -> None:
+    warn = "import warnings\nwarnings.warn('old thing', DeprecationWarning)\n"
+    res = _run_fake_page(tmp_path, [warn], filters={"ini": [], "cmdline": ["error"]})
+    assert res[0]["status"] == "error" and "DeprecationWarning: old thing" in res[0]["detail"]
+    # An ini filter that ignores it (a regex, as in setup.cfg) wins over nothing on the
+    # command line, and loses to a later command-line filter, as in pytest.
+    ignore = "ignore:old th.*:DeprecationWarning"
+    res = _run_fake_page(tmp_path, [warn], filters={"ini": ["error", ignore], "cmdline": []})
+    assert res[0]["status"] == "ok"
+    res = _run_fake_page(tmp_path, [warn], filters={"ini": [ignore], "cmdline": ["error"]})
+    assert res[0]["status"] == "error"
 
 
 def test_version_has_one_source_and_the_changelog_leads_with_it() -> None:
