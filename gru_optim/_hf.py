@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ._data import PairedCollator, pad_examples
 from ._objectives import Objective, get_objective, nll_loss, token_mask
@@ -63,6 +64,19 @@ def mean_answer_nll(
     finally:
         model.train(was_training)
     return float(total / max(count, 1))
+
+
+class _PairedEpochCallback(TrainerCallback):
+    """Tells the training set which epoch starts (the Trainer's data loader only forwards
+    ``set_epoch`` to the dataset on a single process)."""
+
+    def __init__(self, trainer: GRUTrainer) -> None:
+        self._trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        dataset = self._trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(int(math.floor(state.epoch or 0.0)))
 
 
 class GRUTrainer(Trainer):
@@ -143,6 +157,7 @@ class GRUTrainer(Trainer):
         if self.args.fp16:
             raise ValueError("GRUTrainer does not support fp16 with a gradient scaler; use bf16")
         self.args.remove_unused_columns = False
+        self.add_callback(_PairedEpochCallback(self))
         self.ref_model: nn.Module | None = None
         self._ref_uses_adapters = False
         if self.objective.needs_reference:

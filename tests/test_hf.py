@@ -179,6 +179,7 @@ def test_trainer_forgets_and_retains(tmp_path: Path, arch: str, objective: str, 
     assert any(h["gru_conflict"] == 1.0 for h in logs)  # GRU did rectify
     assert isinstance(trainer.optimizer.optimizer, GRUOptimizer)  # inside Accelerate's wrapper
     assert (trainer.ref_model is not None) == get_objective(objective).needs_reference
+    assert trainer.train_dataset.epoch == 1  # 3 steps per epoch: the pairing of epoch 1
 
 
 def _closure_path_reference(
