@@ -399,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     C.write_json("gpu_check" if device.type == "cuda" else "gpu_check_cpu", res, out)
     md = markdown(res)
     C.write_markdown("gpu_check" if device.type == "cuda" else "gpu_check_cpu", md, out)
+    if device.type == "cuda" and not args.out and not args.quick:
+        C.update_doc_section("gpu_check", md)
     print(md)
     print(f"\nok={res['ok']}; {res['elapsed_s']:.0f} s; results in {out}")
     return res
