@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from gru_optim import GRUOptimizer  # noqa: E402
 
 
+DEVICE = torch.device("cpu")
+
+
 class Classifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -54,7 +57,7 @@ def make_data(steps: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
 
 def build(fsdp2: bool) -> tuple[nn.Module, GRUOptimizer]:
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = Classifier()
+    model = Classifier().to(DEVICE)
     if fsdp2:
         from torch.distributed.fsdp import fully_shard
 
@@ -72,6 +75,7 @@ def train(model: nn.Module, opt: GRUOptimizer, data: list, rank: int, world: int
     for step, (xf, yf, xr, yr) in enumerate(data, start=first):
         n = xf.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
+        xf, yf, xr, yr = (t.to(DEVICE) for t in (xf, yf, xr, yr))
 
         def forget_closure() -> torch.Tensor:
             loss = -F.cross_entropy(model(xf[sl]), yf[sl])  # gradient ascent
@@ -121,8 +125,9 @@ def main() -> None:
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.set_default_device("cuda")
+        global DEVICE
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} does not split over {world} ranks")
 
