@@ -76,7 +76,7 @@ class _PairedEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         dataset = self._trainer.train_dataset
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(int(math.floor(state.epoch or 0.0)))
+            dataset.set_epoch(math.floor(state.epoch or 0.0))
 
 
 class GRUTrainer(Trainer):

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import TrainingArguments
-
 from _tiny_models import (
     FORGET_AUTHORS,
     RETAIN_AUTHORS,
@@ -21,8 +19,15 @@ from _tiny_models import (
     tiny_model,
     tiny_tokenizer,
 )
+from transformers import TrainingArguments
+
 from gru_optim import EMA_KEY, GRUOptimizer
-from gru_optim.data import PairedCollator, PairedUnlearningDataset, encode_example, pad_examples
+from gru_optim.data import (
+    PairedCollator,
+    PairedUnlearningDataset,
+    encode_example,
+    pad_examples,
+)
 from gru_optim.hf import GRUTrainer, find_gru_optimizer, mean_answer_nll
 from gru_optim.objectives import OBJECTIVES, get_objective, nll_loss
 
@@ -36,21 +41,21 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def training_args(out: Path, **overrides: Any) -> TrainingArguments:
-    kw: dict[str, Any] = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        learning_rate=5e-3,
-        lr_scheduler_type="constant",
-        report_to=[],
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    kw: dict[str, Any] = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "lr_scheduler_type": "constant",
+        "report_to": [],
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+    }
     kw.update(overrides)
     return TrainingArguments(**kw)
 
@@ -195,12 +200,12 @@ def _closure_path_reference(
         ds.set_epoch(epoch)
         batch = collate([ds[i] for i in range(len(ds))])
 
-        def forget_closure() -> torch.Tensor:
+        def forget_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
             loss = obj.model_loss(model, batch["forget"], batch["retain"], ref_model=ref)
             loss.backward()
             return loss
 
-        def retain_closure() -> torch.Tensor:
+        def retain_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
             loss = model(**batch["retain"]).loss
             loss.backward()
             return loss
@@ -340,7 +345,7 @@ def _loop(model: torch.nn.Module, use_accelerate: bool, steps: int = 3) -> torch
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=PairedCollator(PAD))
     obj = get_objective("graddiff")
     opt: Any = GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    backward = lambda loss: loss.backward()  # noqa: E731
+    backward = lambda loss: loss.backward()
     if use_accelerate:
         from accelerate import Accelerator
 

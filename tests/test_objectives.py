@@ -281,13 +281,13 @@ def test_minimising_retain_and_idk_objectives_lowers_their_loss(name: str) -> No
     x = logits.clone().requires_grad_(True)
     if name == "nll":
         loss = nll_loss(x, labels)
-        measure = lambda z: nll_loss(z, labels)  # noqa: E731
+        measure = lambda z: nll_loss(z, labels)
     elif name == "kl":
         loss = retain_kl_loss(x, ref, labels)
-        measure = lambda z: retain_kl_loss(z, ref, labels)  # noqa: E731
+        measure = lambda z: retain_kl_loss(z, ref, labels)
     else:
         loss = idk_nll_loss(x, labels)
-        measure = lambda z: idk_nll_loss(z, labels)  # noqa: E731
+        measure = lambda z: idk_nll_loss(z, labels)
     (g,) = torch.autograd.grad(loss, x)
     assert measure(logits - 1e-2 * g) < measure(logits)
 
