@@ -84,11 +84,18 @@ def shard_batch(batch: dict[str, Tensor], rank: int, world: int) -> dict[str, Te
     return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
 
 
-def closures(model: nn.Module, b: dict[str, Tensor], micro: int = 1, no_sync: Any = None):
+def closures(
+    model: nn.Module,
+    b: dict[str, Tensor],
+    micro: int = 1,
+    no_sync: Any = None,
+    scale: Callable[[Tensor], Tensor] | None = None,
+):
     """Forget and retain closures over ``micro`` micro-batches of ``b`` (mean loss).
 
     ``no_sync``: DDP's ``model.no_sync`` — every micro-batch but the last runs its forward
     and backward inside it, so the gradients are all-reduced once per closure.
+    ``scale``: a GradScaler's ``scale`` (``scale(loss).backward()``).
     """
 
     def run(which: str) -> Tensor:
@@ -98,7 +105,7 @@ def closures(model: nn.Module, b: dict[str, Tensor], micro: int = 1, no_sync: An
             ctx = no_sync() if no_sync is not None and i < micro - 1 else contextlib.nullcontext()
             with ctx:
                 loss = model(xm, ym, which) / micro
-                loss.backward()
+                (scale(loss) if scale is not None else loss).backward()
             total = total + loss.detach()
         return total
 
@@ -414,10 +421,49 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
+
+    # 5. ShardedGradScaler (fp16-style loss scaling under FSDP2): bitwise the unscaled run;
+    #    then an overflow in rank 1's retain gradient shard only: both ranks skip the step,
+    #    leave weights and memory alone, and back off the scale alike.
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    model = _fsdp_model()
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    opt = GRUOptimizer(default_inner(list(model.parameters())), grad_scaler=scaler)
+    for b in batches[:STEPS]:
+        f, r = closures(model, b, scale=scaler.scale)
+        opt.zero_grad()
+        opt.step(f, r)
+        scaler.update()
+    out["scaled"] = _params(model)
+    out["scale_after"] = scaler.get_scale()
+    before, mem_before = _params(model), _mems(opt, model)
+    f, r = closures(model, batches[STEPS], scale=scaler.scale)
+
+    def retain_overflowing_on_rank_1() -> Tensor:
+        loss = r()
+        if rank == 1:
+            with torch.no_grad():
+                next(model.parameters()).grad.to_local().view(-1)[0] = float("inf")  # type: ignore[union-attr]
+        return loss
+
+    opt.zero_grad()
+    opt.step(f, retain_overflowing_on_rank_1)
+    scaler.update()
+    out["overflow_skipped"] = bool(opt.last_stats["skipped"])
+    out["overflow_params_same"] = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
+    out["overflow_mems_same"] = all(torch.equal(a, b) for a, b in zip(mem_before, _mems(opt, model)))
+    out["scale_after_overflow"] = scaler.get_scale()
     return out
+
+
+def all_suites(rank: int, world: int) -> dict[str, Any]:
+    """DDP then FSDP2 in one process group: one start-up for the whole test module."""
+    return {"ddp": ddp_suite(rank, world), "fsdp": fsdp_suite(rank, world)}
 
 
 SUITES: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "ddp": ddp_suite,
     "fsdp": fsdp_suite,
+    "all": all_suites,
 }

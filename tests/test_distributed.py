@@ -30,13 +30,19 @@ def identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp() -> list[dict[str, Any]]:
-    return W.spawn("ddp", WORLD)
+def spawned() -> list[dict[str, Any]]:
+    # One spawned run (2 processes, one process group) holds every check of this module.
+    return W.spawn("all", WORLD)
 
 
 @pytest.fixture(scope="module")
-def fsdp() -> list[dict[str, Any]]:
-    return W.spawn("fsdp", WORLD)
+def ddp(spawned) -> list[dict[str, Any]]:
+    return [r["ddp"] for r in spawned]
+
+
+@pytest.fixture(scope="module")
+def fsdp(spawned) -> list[dict[str, Any]]:
+    return [r["fsdp"] for r in spawned]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +139,18 @@ def test_fsdp2_distributed_checkpoint_resumes_exactly(fsdp) -> None:
     assert not torch.equal(fsdp[0]["dcp_saved_mem"][0], fsdp[0]["dcp_continued_mem"][0])
 
 
-def test_no_warning_from_gru_in_the_workers(ddp, fsdp) -> None:
-    for r in ddp + fsdp:
+def test_fsdp2_sharded_grad_scaler(fsdp) -> None:
+    identical(fsdp[0]["scaled"], fsdp[0]["fsdp"])  # scaled run == unscaled run, bitwise
+    for r in fsdp:
+        assert r["scale_after"] == 2.0**10 * 2**W.STEPS  # growth_interval=1, no overflow
+        # An overflow in one rank's gradient shard: every rank skips and backs off.
+        assert r["overflow_skipped"] is True
+        assert r["overflow_params_same"] is True
+        assert r["overflow_mems_same"] is True
+        assert r["scale_after_overflow"] == r["scale_after"] / 2
+
+
+def test_no_warning_from_gru_in_the_workers(spawned) -> None:
+    for r in spawned:
         assert isinstance(r["warnings"], list)
         assert not [w for w in r["warnings"] if "gru_optim" in w]
