@@ -537,6 +537,9 @@ class GRUOptimizer(Optimizer):
                 )
             self._fold_retain(params, retain_loss)
         if "found_inf" in self.__dict__ and self.grad_scaler is None:
+            # Set by GradScaler.step, which deletes them only after a successful step.
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
             raise RuntimeError(
                 "GradScaler.step() got a GRUOptimizer built without grad_scaler=: build it "
                 "with GRUOptimizer(inner, grad_scaler=scaler) so that the retain gradient is "

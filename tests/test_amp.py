@@ -258,6 +258,9 @@ def test_scaler_step_without_grad_scaler_raises() -> None:
     with pytest.raises(RuntimeError, match="grad_scaler="):
         scaler.step(opt)
     assert_same([p.detach() for p in model.parameters()], before)
+    # The refusal leaves nothing behind: a direct step still works.
+    opt.step()
+    assert not torch.equal(next(model.parameters()), before[0])
 
 
 def test_forgetting_scaler_update_is_a_clear_error() -> None:
