@@ -368,6 +368,29 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
     out["calls_no_skip"] = train(model, opt, batches[:STEPS])
     out["fsdp_no_skip"] = _params(model)
 
+    # 2b. Micro-batches with FSDP2's no_sync (set_requires_gradient_sync(False) for all
+    #     but the last micro-batch of each closure, forward included).
+    model = _fsdp_model()
+    opt = GRUOptimizer(default_inner(list(model.parameters())))
+
+    @contextlib.contextmanager
+    def fsdp_no_sync() -> Iterator[None]:
+        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+    per_step = []
+    for b in batches[:STEPS]:
+        f, r = closures(model, b, micro=2, no_sync=fsdp_no_sync)
+        with count_all_reduce() as calls:
+            opt.zero_grad()
+            opt.step(f, r)
+        per_step.append(list(calls))
+    out["fsdp_micro"] = _params(model)
+    out["calls_micro"] = per_step
+
     # 3. Per-tensor rectification: still one packed all_reduce (2 * tensors + 1 elements).
     model = _fsdp_model()
     opt = GRUOptimizer(default_inner(list(model.parameters())), granularity="tensor")

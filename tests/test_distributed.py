@@ -7,6 +7,10 @@ returned with one process training on the union of the ranks' batches.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,6 +106,13 @@ def test_fsdp2_equals_one_process(fsdp, reference) -> None:
     close(fsdp[0]["fsdp_no_skip"], reference[0])
 
 
+def test_fsdp2_micro_batches_without_gradient_sync(fsdp, reference) -> None:
+    identical(fsdp[0]["fsdp_micro"], fsdp[1]["fsdp_micro"])
+    close(fsdp[0]["fsdp_micro"], reference[0])
+    for r in fsdp:
+        assert r["calls_micro"] == [[(1, 4), (3, 12)]] * W.STEPS  # still once per step
+
+
 def test_fsdp2_per_tensor_granularity(fsdp) -> None:
     params, _ = W.reference_run(granularity="tensor")
     close(fsdp[0]["fsdp_tensor"], params)
@@ -154,3 +165,18 @@ def test_no_warning_from_gru_in_the_workers(spawned) -> None:
     for r in spawned:
         assert isinstance(r["warnings"], list)
         assert not [w for w in r["warnings"] if "gru_optim" in w]
+
+
+def test_launch_script_runs_two_cpu_processes() -> None:
+    # What a newcomer runs first: torchrun, 2 processes, gloo, DDP (docs/guides/ddp.md).
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "launch_cpu.sh"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(script), "--steps", "3", "--batch", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 rank(s), DDP: weights identical on every rank: True" in proc.stdout
