@@ -574,3 +574,24 @@ def test_rectified_gradient_left_in_grad_does_not_conflict(dtype: torch.dtype) -
         for k, v in opt.last_stats.items():
             assert not v.is_floating_point() or bool(torch.isfinite(v)), k
     assert conflicts > 0
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"granularity": "tensor"}, {"space": "update"}, {"retain_weight": 0.5}],
+    ids=["global", "tensor", "update", "retain_weight"],
+)
+def test_foreach_and_per_tensor_kernels_agree(kw: dict) -> None:
+    a, b = make_net(torch.float32), make_net(torch.float32)
+    oa = GRUOptimizer(make_inner("adam", a), foreach=True, **kw)
+    ob = GRUOptimizer(make_inner("adam", b), foreach=False, **kw)
+    for t in range(3):
+        for m, o in ((a, oa), (b, ob)):
+            f, r = closures(m, t)
+            o.zero_grad()
+            o.step(f, r)
+    assert_params_close(a, b, rtol=1e-6, atol=1e-7)
+    for p, q in zip(a.parameters(), b.parameters()):
+        mp, mq = oa.retain_memory(p), ob.retain_memory(q)
+        assert (mp is None) == (mq is None)
+        if mp is not None:
+            torch.testing.assert_close(mp, mq, rtol=1e-6, atol=1e-8)
