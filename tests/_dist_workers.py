@@ -397,6 +397,12 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
     out["calls_tensor"] = train(model, opt, batches[:STEPS])
     out["fsdp_tensor"] = _params(model)
 
+    # 3b. Update-space rectification: a second packed all_reduce, after the inner step.
+    model = _fsdp_model()
+    opt = GRUOptimizer(default_inner(list(model.parameters())), space="update")
+    out["calls_update"] = train(model, opt, batches[:STEPS])
+    out["fsdp_update"] = _params(model)
+
     # 4. Distributed checkpoint: save after STEPS steps, train on; a fresh model and
     #    optimizer load the checkpoint (in place, into their own state dict templates) and
     #    train on the same batches: bitwise the same weights and memories.

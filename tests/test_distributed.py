@@ -119,6 +119,15 @@ def test_fsdp2_per_tensor_granularity(fsdp) -> None:
     assert not torch.allclose(fsdp[0]["fsdp_tensor"][0], fsdp[0]["fsdp"][0])
 
 
+def test_fsdp2_update_space(fsdp) -> None:
+    params, _ = W.reference_run(space="update")
+    close(fsdp[0]["fsdp_update"], params)
+    assert not torch.allclose(fsdp[0]["fsdp_update"][0], fsdp[0]["fsdp"][0])
+    for r in fsdp:
+        # The update is known only after the inner step: a second packed [dot, ||m||^2].
+        assert r["calls_update"] == [[(1, 4), (3, 12), (2, 8)]] * W.STEPS
+
+
 def test_fsdp2_memory_is_sharded_like_the_parameters(fsdp) -> None:
     for r in fsdp:
         assert r["placements_match"] is True
