@@ -31,6 +31,11 @@ def _unflat(vec: Tensor, like: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _grads64(params: list[Tensor]) -> dict[int, Tensor]:
+    """A float64 copy of every gradient present, by parameter identity."""
+    return {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
+
+
 def project_flat(g: Tensor, m: Tensor) -> tuple[Tensor, float, float]:
     """The closed form of min ||x - g||^2 s.t. <x, m> >= 0, in float64.
 
@@ -103,7 +108,7 @@ class ReferenceGRU:
             p.grad = None
         with torch.enable_grad():
             retain_fn()
-        g_r = {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
+        g_r = _grads64(params)
         for p in params:
             k = id(p)
             if k in g_r:
@@ -120,7 +125,7 @@ class ReferenceGRU:
         g_r = self.fold_retain(retain_fn)
         with torch.enable_grad():
             forget_fn()
-        g_f = {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
+        g_f = _grads64(params)
         paired = [p for p in params if id(p) in self.ema]
         # Parameters with a memory but no forget gradient: forget gradient zero.
         for p in paired:

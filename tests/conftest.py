@@ -64,7 +64,9 @@ def make_net(dtype: torch.dtype = torch.float64, seed: int = 0) -> Net:
     return Net(dtype)
 
 
-def batch(step: int, kind: str, dtype: torch.dtype = torch.float64, n: int = 16) -> tuple[Tensor, Tensor]:
+def batch(
+    step: int, kind: str, dtype: torch.dtype = torch.float64, n: int = 16
+) -> tuple[Tensor, Tensor]:
     """Deterministic data: labels follow a fixed rule, so forget and retain conflict."""
     gen = torch.Generator().manual_seed(1000 * step + (0 if kind == "forget" else 1))
     x = torch.randn(n, IN, generator=gen, dtype=torch.float64)

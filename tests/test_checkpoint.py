@@ -8,10 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
-
-from gru_optim import EMA_KEY, GRUOptimizer
-
 from _reference import ReferenceGRU
 from conftest import (
     OPTIMIZERS,
@@ -24,6 +20,9 @@ from conftest import (
     make_inner,
     make_net,
 )
+from torch import Tensor
+
+from gru_optim import EMA_KEY, GRUOptimizer
 
 
 def _gru_step(model: Net, opt: GRUOptimizer, t: int) -> None:

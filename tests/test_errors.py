@@ -9,10 +9,6 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from gru_optim import EMA_KEY, GRUOptimizer
-
 from _reference import ReferenceGRU
 from conftest import (
     Net,
@@ -26,6 +22,9 @@ from conftest import (
     make_net,
     snapshot,
 )
+from torch import Tensor, nn
+
+from gru_optim import EMA_KEY, GRUOptimizer
 
 
 def _trained(name: str = "adam", steps: int = 2, **kw) -> tuple[Net, GRUOptimizer]:

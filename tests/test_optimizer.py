@@ -8,10 +8,6 @@ import pickle
 
 import pytest
 import torch
-from torch import Tensor
-
-from gru_optim import GRUOptimizer
-
 from _reference import ReferenceGRU
 from conftest import (
     OPTIMIZERS,
@@ -23,6 +19,9 @@ from conftest import (
     make_inner,
     make_net,
 )
+from torch import Tensor
+
+from gru_optim import GRUOptimizer
 
 STEPS = 4
 
