@@ -428,3 +428,23 @@ def test_nothing_of_the_wrapper_in_inner_state_after_errors() -> None:
     with pytest.raises(RuntimeError):
         opt.step(f, _no_backward(model, "retain"))
     assert all(EMA_KEY not in st for st in opt.optimizer.state.values())
+
+
+def test_exception_inside_retain_pass_changes_nothing() -> None:
+    model, opt = _trained()
+    before = snapshot(model, opt)
+    xr, yr = batch(5, "retain")
+    opt.zero_grad()
+    with pytest.raises(KeyError, match="user error"):
+        with opt.retain_pass():
+            model.retain_loss(xr, yr).backward()
+            raise KeyError("user error")
+    assert_unchanged(before, model, opt)
+    # Nothing pending, no pass left open: a new pass and step work.
+    opt.zero_grad()
+    with opt.retain_pass():
+        model.retain_loss(xr, yr).backward()
+    model.forget_loss(*batch(5, "forget")).backward()
+    opt.step()
+    assert not bool(opt.last_stats["skipped"])
+    assert not torch.equal(before["params"][0], next(model.parameters()))
