@@ -13,6 +13,8 @@ How the blocks run
   pytest's warning filters (the ``filterwarnings`` ini option, then ``-W``, applied as
   pytest applies them): under ``pytest -W error`` a warning in a block fails it.
 - Each block has a time limit: 60 s, or ``timeout=N`` from a marker.
+- Pages run two at a time (``GRU_DOCS_JOBS=N`` to change it), each item waiting for its
+  page's results.
 
 Markers (an HTML comment on the line right before the opening fence, invisible on the
 rendered page)::
@@ -32,6 +34,7 @@ Blocks in other languages (bash, text, pycon, ...) are not collected.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -43,6 +46,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +219,42 @@ def _child_main(spec_path: str, result_path: str) -> None:
 
 # --------------------------------------------------------------------------- parent side
 _RESULTS: dict[str, dict[int, dict[str, object]]] = {}
+_FUTURES: dict[str, concurrent.futures.Future[dict[int, dict[str, object]]]] = {}
+
+
+def _jobs() -> int:
+    """Pages run this many at a time (``GRU_DOCS_JOBS``; default: 2, or 1 on one core)."""
+    env = os.environ.get("GRU_DOCS_JOBS")
+    return max(1, int(env)) if env else min(2, os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="module")
+def page_pool(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Start every page that has a selected test item, a few at a time, in collection
+    order; each item then waits for its own page."""
+    pages: list[str] = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        block = callspec.params.get("block") if callspec is not None else None
+        if isinstance(block, Block) and block.page not in pages:
+            pages.append(block.page)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=_jobs())
+    for page in pages:
+        _FUTURES[page] = pool.submit(_run_page_now, page, request.config)
+    try:
+        yield
+    finally:
+        for f in _FUTURES.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+        _FUTURES.clear()
+
+
+def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
+    if page not in _RESULTS:
+        future = _FUTURES.get(page)
+        _RESULTS[page] = future.result() if future is not None else _run_page_now(page, config)
+    return _RESULTS[page]
 
 
 def _warning_filters(config: pytest.Config) -> dict[str, list[str]]:
@@ -224,9 +264,7 @@ def _warning_filters(config: pytest.Config) -> dict[str, list[str]]:
     }
 
 
-def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
-    if page in _RESULTS:
-        return _RESULTS[page]
+def _run_page_now(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
     blocks = [b for b in BLOCKS if b.page == page]
     with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:
         spec = {
@@ -263,12 +301,11 @@ def _run_page(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
                 r = json.loads(line)
                 results[r["index"]] = r
     results[0] = {"rc": rc, "output": tail}
-    _RESULTS[page] = results
     return results
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
-def test_doc_block(block: Block, request: pytest.FixtureRequest) -> None:
+def test_doc_block(block: Block, request: pytest.FixtureRequest, page_pool: None) -> None:
     if block.problem is not None:
         pytest.fail(f"{block.id} (line {block.line - 1}): {block.problem}", pytrace=False)
     results = _run_page(block.page, request.config)
