@@ -97,8 +97,10 @@ class GRUTrainer(Trainer):
 
     Both losses are normalised by the counts over the whole step (answer tokens, or
     sequences for sequence-level objectives), so gradient accumulation gives the same
-    update as one large batch. The counts are per process (as with
-    ``average_tokens_across_devices=False``).
+    update as one large batch. With ``average_tokens_across_devices`` (the default) and
+    several processes the counts are summed over all processes, so that the distributed
+    step is the step on the union of the processes' batches; otherwise they are per
+    process.
 
     Args:
         objective: a name from :data:`gru_optim.objectives.OBJECTIVES` or an
@@ -171,6 +173,7 @@ class GRUTrainer(Trainer):
                 self.ref_model.eval().requires_grad_(False)
                 self.ref_model.to(self.args.device)
         self._gru_counts: dict[str, Tensor] | None = None
+        self._gru_scale = 1.0
         self._gru_log: dict[str, list[Tensor]] = {"retain_loss": [], "cosine": [], "conflict": []}
 
     # ------------------------------------------------------------------ optimizer
@@ -240,8 +243,16 @@ class GRUTrainer(Trainer):
                 for k, v in c.items():
                     counts[k] = counts.get(k, 0) + v.cpu()
                 retain_tokens = retain_tokens + token_mask(b["retain"]["labels"]).sum().cpu()
-            self._gru_counts = {k: v.to(device) for k, v in counts.items()}
-            self._retain_pass(batch_samples, retain_tokens.to(device))
+            keys = sorted(counts)
+            packed = torch.stack([counts[k] for k in keys] + [retain_tokens]).to(device)
+            self._gru_scale = 1.0
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # Normalise by the counts of all processes; DDP then averages the
+                # gradients, so the loss is scaled by the number of processes.
+                packed = self.accelerator.reduce(packed, reduction="sum")
+                self._gru_scale = float(self.accelerator.num_processes)
+            self._gru_counts = dict(zip(keys, packed[:-1].unbind()))
+            self._retain_pass(batch_samples, packed[-1])
         return batch_samples, num_items
 
     def _retain_pass(self, batch_samples: list[Any], retain_tokens: Tensor) -> None:
@@ -262,7 +273,7 @@ class GRUTrainer(Trainer):
                     with self.compute_loss_context_manager():
                         logits = model(**_without_labels(inputs)).logits
                         loss = nll_loss(logits, inputs["labels"], num_items=retain_tokens)
-                    self.accelerator.backward(loss)
+                    self.accelerator.backward(loss * self._gru_scale)
                 total = total + loss.detach()
         self._gru_log["retain_loss"].append(total)
 
@@ -305,6 +316,8 @@ class GRUTrainer(Trainer):
             ref_model=ref,
             num_items=counts,
         )
+        if counts is not None and self._gru_scale != 1.0:
+            loss = loss * self._gru_scale
         return (loss, None) if return_outputs else loss
 
     def prediction_step(

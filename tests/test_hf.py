@@ -6,6 +6,7 @@ Everything is built offline (see ``tests/_tiny_models.py``); nothing is mocked.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,9 @@ def _closure_path_reference(
         opt.step(forget_closure, retain_closure)
 
 
-@pytest.mark.parametrize("objective", ["npo_rt", "wga"])
-def test_gradient_accumulation_matches_the_closure_path(tmp_path: Path, objective: str) -> None:
+def test_gradient_accumulation_matches_the_closure_path(tmp_path: Path) -> None:
+    # NPO+RT: a per-sequence forget term, a per-token retain term and a reference model.
+    objective = "npo_rt"
     forget, retain = forget_retain()
     forget = forget[:4]
     lr = 0.05
@@ -292,30 +294,32 @@ def test_checkpoint_resume_gives_the_uninterrupted_run(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- PEFT
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_adapters_carry_the_memory(tmp_path: Path, checkpointing: bool) -> None:
+def test_lora_adapters_carry_the_memory_with_activation_checkpointing(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     def build() -> Any:
         config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
         return get_peft_model(tiny_model("llama"), config)
 
+    def train(model: Any, out: Path, checkpointing: bool) -> GRUTrainer:
+        trainer = GRUTrainer(
+            model=model,
+            args=training_args(out, max_steps=4, learning_rate=5e-2,
+                               activation_checkpointing=checkpointing),
+            train_dataset=PairedUnlearningDataset(forget, retain),
+            processing_class=tiny_tokenizer(),
+            objective="npo",  # reference = the base model with the adapters disabled
+        )
+        assert trainer.ref_model is None  # no copy of the model
+        trainer.train()
+        assert model.get_base_model().is_activation_checkpointing is checkpointing
+        return trainer
+
     forget, retain = forget_retain()
     model = build()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before_f = mean_answer_nll(model, forget, PAD)
-    trainer = GRUTrainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=4, learning_rate=5e-2,
-                           activation_checkpointing=checkpointing),
-        train_dataset=PairedUnlearningDataset(forget, retain),
-        processing_class=tiny_tokenizer(),
-        objective="npo",  # reference = the base model with the adapters disabled
-    )
-    assert trainer.ref_model is None  # no copy of the model
-    trainer.train()
-    assert model.get_base_model().is_activation_checkpointing is checkpointing
-    gru = trainer.gru_optimizer
+    gru = train(model, tmp_path / "ckpt", checkpointing=True).gru_optimizer
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     assert all(gru.retain_memory(p) is not None for p in trainable)
@@ -324,18 +328,11 @@ def test_lora_adapters_carry_the_memory(tmp_path: Path, checkpointing: bool) -> 
         if n in base:
             assert torch.equal(p, base[n]), n  # the base model is untouched
     assert mean_answer_nll(model, forget, PAD) > before_f
-    if checkpointing:
-        # Gradient checkpointing changes memory, not the result.
-        plain = build()
-        GRUTrainer(
-            model=plain,
-            args=training_args(tmp_path / "plain", max_steps=4, learning_rate=5e-2),
-            train_dataset=PairedUnlearningDataset(forget, retain),
-            processing_class=tiny_tokenizer(),
-            objective="npo",
-        ).train()
-        for (n, p), q in zip(model.named_parameters(), plain.parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    # Activation checkpointing changes memory, not the result.
+    plain = build()
+    train(plain, tmp_path / "plain", checkpointing=False)
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------- plain and Accelerate loops
@@ -383,3 +380,101 @@ def test_trainer_rejects_bad_configuration(tmp_path: Path) -> None:
         GRUTrainer(model=tiny_model(), args=training_args(tmp_path),
                    train_dataset=PairedUnlearningDataset(forget, retain),
                    processing_class=tiny_tokenizer(), objective="forget_everything")
+
+
+# ---------------------------------------------------------------- DDP (2 CPU processes)
+def _ddp_worker(out_dir: str) -> None:
+    """Run by ``torchrun`` (see the test below): 2 steps of GRUTrainer under DDP (gloo);
+    rank 0 replays them with the closure path on the union of both ranks' batches."""
+    import json
+
+    import torch.distributed as dist
+
+    class Recording(GRUTrainer):
+        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+            batches, n = super().get_batch_samples(*args, **kwargs)
+            self.seen = [*getattr(self, "seen", []), batches]
+            return batches, n
+
+    def unpad(batch: dict[str, torch.Tensor]) -> list[dict[str, list[int]]]:
+        keep = batch["attention_mask"].bool()
+        return [{k: v[i][keep[i]].tolist() for k, v in batch.items()} for i in range(len(keep))]
+
+    forget, retain = forget_retain()
+    model = tiny_model("gpt2", seed=3)
+    start = copy.deepcopy(model)
+    trainer = Recording(
+        model=model,
+        args=training_args(Path(out_dir) / "run", max_steps=2, per_device_train_batch_size=1,
+                           gradient_accumulation_steps=2, learning_rate=0.05, optim="sgd",
+                           max_grad_norm=0.0, ddp_backend="gloo"),
+        train_dataset=PairedUnlearningDataset(forget, retain),
+        processing_class=tiny_tokenizer(),
+        objective="npo_rt",
+    )
+    trainer.train()
+    gru = trainer.gru_optimizer
+    steps = [[{"forget": unpad(mb["forget"])[0], "retain": unpad(mb["retain"])[0]} for mb in s]
+             for s in trainer.seen]
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    memory = torch.cat([gru.retain_memory(p).flatten() for p in model.parameters()])
+    gathered: list[Any] = [None, None]
+    dist.all_gather_object(gathered, (steps, weights, memory, trainer.train_dataset.rank))
+    if dist.get_rank() != 0:
+        return
+    # The closure path, one process, on the union of the two ranks' micro-batches.
+    ref = copy.deepcopy(start).eval()
+    obj = get_objective("npo_rt")
+    opt = GRUOptimizer(torch.optim.SGD(start.parameters(), lr=0.05))
+    collate = PairedCollator(PAD)
+    start.train()
+    for s in range(2):
+        batch = collate(gathered[0][0][s] + gathered[1][0][s])
+
+        def forget_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
+            loss = obj.model_loss(start, batch["forget"], batch["retain"], ref_model=ref)
+            loss.backward()
+            return loss
+
+        def retain_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
+            loss = start(**batch["retain"]).loss
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(forget_closure, retain_closure)
+    union = torch.cat([p.detach().flatten() for p in start.parameters()])
+    result = {
+        "replicas_equal": bool(torch.equal(gathered[0][1], gathered[1][1])),
+        "memories_equal": bool(torch.equal(gathered[0][2], gathered[1][2])),
+        "ranks": [gathered[0][3], gathered[1][3]],
+        "retain_items_differ": gathered[0][0][0][0]["retain"] != gathered[1][0][0][0]["retain"],
+        "max_diff_to_union": float((union - weights).abs().max()),
+        "moved": float((union - torch.cat([p.flatten() for p in tiny_model("gpt2", 3).parameters()])).abs().max()),
+    }
+    (Path(out_dir) / "result.json").write_text(json.dumps(result))
+
+
+def test_ddp_two_processes_equal_the_union_batch(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRU_DDP_OUT": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         __file__],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["replicas_equal"] and result["memories_equal"]
+    assert result["ranks"] == [0, 1]
+    assert result["retain_items_differ"]
+    assert result["moved"] > 1e-3
+    assert result["max_diff_to_union"] < 1e-5
+
+
+if __name__ == "__main__":
+    _ddp_worker(os.environ["GRU_DDP_OUT"])
