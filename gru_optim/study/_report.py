@@ -1,0 +1,295 @@
+"""Study outputs: ``summary.json``, ``summary.csv``, ``table.md``, the trade-off plots and a
+one-sentence verdict decided by Pareto fronts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["hypervolume", "pareto_table", "verdict", "write_report", "markdown_table"]
+
+_COLUMNS = (
+    "forget_quality", "model_utility", "forget_prob", "retain_prob", "forget_rouge",
+    "forget_truth_ratio", "mia_auc", "privleak",
+)
+
+
+def hypervolume(points: Sequence[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both coordinates maximised) above the origin."""
+    hv, best_y = 0.0, 0.0
+    for x, y in sorted(points, key=lambda p: -p[0]):
+        if x > 0 and y > best_y:
+            hv += x * (y - best_y)
+            best_y = y
+    return hv
+
+
+def _fq_score(p: float, p_target: float) -> float:
+    """``log10`` forget quality mapped to ``[0, 1]``: 0 at the target's, 1 at ``p = 1``."""
+    lt = math.log10(max(p_target, 1e-300))
+    if lt >= 0:
+        return 1.0
+    return float(np.clip((math.log10(max(p, 1e-300)) - lt) / -lt, 0.0, 1.0))
+
+
+def _runs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["method"] not in ("target", "oracle")]
+
+
+def _target(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return next(r for r in records if r["method"] == "target")
+
+
+def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and GRU flag: the hypervolume of the Pareto front over every learning
+    rate and checkpoint of one seed, in the plane (model utility / the target's, forget
+    quality score), mean and standard deviation over seeds. The forget quality score maps
+    ``log10 p`` linearly from the target's (0) to ``p = 1`` (1)."""
+    t = _target(records)
+    pts: dict[tuple[str, bool, int], list[tuple[float, float]]] = defaultdict(list)
+    for r in _runs(records):
+        x = r["model_utility"] / t["model_utility"] if t["model_utility"] > 0 else 0.0
+        pts[(r["method"], r["gru"], r["seed"])].append(
+            (x, _fq_score(r["forget_quality"], t["forget_quality"]))
+        )
+    by: dict[tuple[str, bool], list[float]] = defaultdict(list)
+    for (m, g, _), p in pts.items():
+        by[(m, g)].append(hypervolume(p))
+    out = []
+    for (m, g), hv in by.items():
+        out.append({"method": m, "gru": g, "hv_mean": float(np.mean(hv)),
+                    "hv_std": float(np.std(hv, ddof=1)) if len(hv) > 1 else 0.0,
+                    "n_seeds": len(hv)})
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))}
+    return sorted(out, key=lambda r: (order[r["method"]], r["gru"]))
+
+
+def _agg(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
+    v = np.array([r[key] for r in rows], dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, n: int, key: str) -> str:
+    f = "{:.2e}" if key == "forget_quality" else ("{:.1f}" if key == "privleak" else "{:.3f}")
+    s = f.format(mean)
+    return s + (" ± " + f.format(std) if n > 1 else "")
+
+
+def final_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seed-aggregated metrics at the last checkpoint of each (method, GRU, lr)."""
+    runs = _runs(records)
+    last = max(r["step"] for r in runs) if runs else 0
+    groups: dict[tuple[str, bool, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["step"] == last:
+            groups[(r["method"], r["gru"], r["lr"])].append(r)
+    out = []
+    for (m, g, lr), rows in groups.items():
+        row: dict[str, Any] = {"method": m, "gru": g, "lr": lr, "step": last, "n": len(rows)}
+        for k in _COLUMNS:
+            row[k] = _agg(rows, k)
+        out.append(row)
+    return out
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    """The markdown tables: reference models, final checkpoints, Pareto hypervolumes."""
+    head = ["model", "GRU", "lr", "step", "n"] + [k for k in _COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(name: str, gru: str, lr: str, step: str, rows: Sequence[dict[str, Any]]) -> str:
+        cells = [name, gru, lr, step, str(len(rows))]
+        for k in _COLUMNS:
+            cells.append(_fmt(*_agg(rows, k), len(rows), k))
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(line("target", "", "", "0", [_target(records)]))
+    oracles = [r for r in records if r["method"] == "oracle"]
+    lines.append(line("oracle (reference)", "", "", "", [r for r in oracles if r["seed"] == 0]))
+    others = [r for r in oracles if r["seed"] != 0]
+    if others:
+        lines.append(line("oracles vs reference (noise floor)", "", "", "", others))
+    runs = _runs(records)
+    last = max(r["step"] for r in runs) if runs else 0
+    groups: dict[tuple[str, bool, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["step"] == last:
+            groups[(r["method"], r["gru"], r["lr"])].append(r)
+    for (m, g, lr), rows in groups.items():
+        lines.append(line(m, "yes" if g else "no", f"{lr:g}", str(last), rows))
+    out = "\n".join(lines)
+    pt = pareto_table(records)
+    if pt:
+        out += (
+            "\n\nPareto front hypervolume over all learning rates and checkpoints "
+            "(model utility / target's × forget-quality score; higher is better; "
+            "mean ± std over seeds):\n\n| method | plain | GRU | GRU − plain |\n|---|---|---|---|\n"
+        )
+        by = {(r["method"], r["gru"]): r for r in pt}
+        for m in dict.fromkeys(r["method"] for r in pt):
+            p, g = by.get((m, False)), by.get((m, True))
+            if p is None or g is None:
+                continue
+            out += (
+                f"| {m} | {_fmt(p['hv_mean'], p['hv_std'], p['n_seeds'], '')} | "
+                f"{_fmt(g['hv_mean'], g['hv_std'], g['n_seeds'], '')} | "
+                f"{g['hv_mean'] - p['hv_mean']:+.3f} |\n"
+            )
+    return out
+
+
+def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
+    """One sentence on what the numbers show: per method, whether GRU's Pareto front is
+    above plain's beyond the seed spread (or ``tol`` with one seed), and whether at the
+    final checkpoint GRU only keeps more utility by forgetting less."""
+    pt = pareto_table(records)
+    by = {(r["method"], r["gru"]): r for r in pt}
+    better, worse, tie, trade = [], [], [], []
+    for m in dict.fromkeys(r["method"] for r in pt):
+        p, g = by.get((m, False)), by.get((m, True))
+        if p is None or g is None:
+            continue
+        diff = g["hv_mean"] - p["hv_mean"]
+        n = min(p["n_seeds"], g["n_seeds"])
+        spread = max(tol, 2 * math.hypot(p["hv_std"], g["hv_std"]) / math.sqrt(n)) if n > 1 else tol
+        (better if diff > spread else worse if diff < -spread else tie).append(m)
+    for r in _group_final(records):
+        m, pr, gr = r
+        if gr["model_utility"] > pr["model_utility"] and gr["forget_prob"] > pr["forget_prob"]:
+            trade.append(m)
+    trade = list(dict.fromkeys(trade))
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs) if xs else "none"
+
+    s = (
+        f"On the Pareto fronts of forget quality against model utility, GRU is above plain "
+        f"unlearning for {names(better)}, within the seed spread for {names(tie)} and below "
+        f"for {names(worse)}"
+    )
+    if trade:
+        s += (
+            f"; at the last checkpoint GRU keeps more utility but also more of the forget set "
+            f"for {names(trade)}, i.e. there it trades forgetting for utility"
+        )
+    return s + "."
+
+
+def _group_final(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    rows = final_rows(records)
+    by = {(r["method"], r["gru"], r["lr"]): r for r in rows}
+    out = []
+    for (m, g, lr), r in by.items():
+        if g:
+            continue
+        gr = by.get((m, True, lr))
+        if gr is not None:
+            out.append((m, {k: r[k][0] for k in _COLUMNS}, {k: gr[k][0] for k in _COLUMNS}))
+    return out
+
+
+def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Forget metric against model utility, one column per method: trajectories over the
+    checkpoints per learning rate, plain and GRU, mean over seeds with standard deviation
+    bars; the target, the oracles and the oracles' spread (the noise floor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _runs(records)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    lrs = sorted({r["lr"] for r in runs})
+    t = _target(records)
+    oracles = [r for r in records if r["method"] == "oracle"]
+    rows = (("forget_quality", "forget quality (KS p-value)"), ("forget_prob", "forget probability"))
+    fig, axes = plt.subplots(
+        len(rows), len(methods), figsize=(3.3 * len(methods), 6.2), squeeze=False, sharey="row"
+    )
+    markers = "osD^v"
+    colors = {False: "tab:blue", True: "tab:orange"}
+    for j, m in enumerate(methods):
+        for i, (key, label) in enumerate(rows):
+            ax = axes[i][j]
+            for g in (False, True):
+                for li, lr in enumerate(lrs):
+                    sel = [r for r in runs if r["method"] == m and r["gru"] == g and r["lr"] == lr]
+                    steps = sorted({r["step"] for r in sel})
+                    xs, ys, xe, ye = [], [], [], []
+                    for s in steps:
+                        pts = [r for r in sel if r["step"] == s]
+                        x = np.array([r["model_utility"] for r in pts])
+                        y = np.array([r[key] for r in pts])
+                        if key == "forget_quality":
+                            y = np.log10(np.maximum(y, 1e-300))
+                        xs.append(x.mean()); ys.append(y.mean())
+                        xe.append(x.std()); ye.append(y.std())
+                    ax.errorbar(
+                        xs, ys, xerr=xe, yerr=ye, color=colors[g], marker=markers[li % 5],
+                        ms=4, lw=1, alpha=0.5 + 0.5 * (li + 1) / len(lrs), capsize=2,
+                        label=f"{'GRU' if g else 'plain'} lr={lr:g}" if j == 0 else None,
+                    )
+            ty = math.log10(max(t[key], 1e-300)) if key == "forget_quality" else t[key]
+            ax.scatter([t["model_utility"]], [ty], marker="*", s=120, c="k", zorder=5,
+                       label="target" if j == 0 else None)
+            if oracles:
+                ox = [o["model_utility"] for o in oracles]
+                oy = [
+                    math.log10(max(o[key], 1e-300)) if key == "forget_quality" else o[key]
+                    for o in oracles
+                ]
+                ax.scatter(ox, oy, marker="P", s=50, c="tab:green", zorder=5,
+                           label="oracles (retain only)" if j == 0 else None)
+                noise = [y for o, y in zip(oracles, oy) if o["seed"] != 0]
+                if noise:
+                    ax.axhspan(min(noise), max(noise), color="tab:green", alpha=0.12)
+            if i == 0:
+                ax.set_title(m)
+            if j == 0:
+                ax.set_ylabel(("log10 " if key == "forget_quality" else "") + label)
+            if i == len(rows) - 1:
+                ax.set_xlabel("model utility")
+            ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """Write ``summary.json`` (the records), ``summary.csv``, ``table.md`` (tables and the
+    verdict), ``tradeoff.png`` and ``meta.json`` (config, versions, wall time) under
+    ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "summary.json",
+        "csv": out_dir / "summary.csv",
+        "table": out_dir / "table.md",
+        "plot": out_dir / "tradeoff.png",
+        "meta": out_dir / "meta.json",
+    }
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+             for r in records]
+    paths["json"].write_text(json.dumps(clean, indent=1))
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(records)
+    paths["table"].write_text(
+        f"# Unlearning study, preset `{meta.get('preset', '?')}`\n\n"
+        + markdown_table(records) + "\n\n" + verdict(records) + "\n"
+    )
+    plot_tradeoff(records, paths["plot"])
+    paths["meta"].write_text(json.dumps(meta, indent=1))
+    return paths
