@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 CONFIGS = {
     "quick": {"vocab": 512, "d": 64, "layers": 2, "heads": 2, "batch": 2, "seq": 32},
-    "full": {"vocab": 8192, "d": 256, "layers": 4, "heads": 4, "batch": 16, "seq": 128},
+    "full": {"vocab": 8192, "d": 256, "layers": 4, "heads": 4, "batch": 8, "seq": 128},
 }
 
 
@@ -106,7 +107,13 @@ def run(cfg: dict[str, int], repeats: int, verbose: bool = True) -> dict[str, An
         "tokens_per_pass": cfg["batch"] * cfg["seq"],
         "repeats": repeats,
         "methods": {k: {**stats[k], "samples_s": samples[k]} for k in stats},
-        "ratio_gru_over_graddiff": stats["gru"]["median_s"] / stats["graddiff"]["median_s"],
+        # Each GRU step runs right after a GradDiff step: the median of the per-pair
+        # ratios cancels the slow drifts of a shared machine better than the ratio of
+        # the two medians (both are kept).
+        "ratio_gru_over_graddiff": statistics.median(
+            b / a for a, b in zip(samples["graddiff"], samples["gru"])
+        ),
+        "ratio_of_medians": stats["gru"]["median_s"] / stats["graddiff"]["median_s"],
         "gru_steps_conflicting": sum(conflicts),
         "gru_steps": len(conflicts),
     }
@@ -143,7 +150,8 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             C.markdown_table(HEADERS, rows(res)),
             "",
-            f"GRU / GradDiff = {res['ratio_gru_over_graddiff']:.3f}.",
+            f"GRU / GradDiff = {res['ratio_gru_over_graddiff']:.3f} (median of the "
+            f"per-pair ratios; ratio of the medians {res['ratio_of_medians']:.3f}).",
         ]
     )
 
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     C.set_threads(args.threads)
     cfg = CONFIGS["quick" if args.quick else "full"]
-    res = run(cfg, args.repeats or (3 if args.quick else 9))
+    res = run(cfg, args.repeats or (3 if args.quick else 15))
     payload = {"benchmark": "e2e", "quick": args.quick, "env": C.environment(), **res}
     out = Path(args.out) if args.out else C.RESULTS
     C.write_json("bench_e2e", payload, out)

@@ -76,7 +76,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default=None, help="results folder")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default 1)")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="recompute the targets table from the JSON files already in docs/results",
+    )
     args = ap.parse_args(argv)
+    if args.summary_only:
+        import json
+
+        step, memory, e2e = (
+            json.loads((C.RESULTS / f"bench_{n}.json").read_text()) for n in ("step", "memory", "e2e")
+        )
+        s = summary(step, memory, e2e)
+        s["quick"] = False
+        s["env"] = step["env"]
+        C.write_json("bench_summary", s, C.RESULTS)
+        md = summary_markdown(s)
+        C.write_markdown("bench_summary", md, C.RESULTS)
+        C.update_doc_section("bench_summary", md)
+        print(md)
+        return s
     if args.quick:
         out = args.out or tempfile.mkdtemp(prefix="gru_bench_")
     else:
