@@ -233,6 +233,14 @@ class GRUTrainer(Trainer):
         retain pass over their retain halves (at the weights of this step)."""
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batch_samples:
+            for b in batch_samples:
+                if not (isinstance(b, Mapping) and "retain" in b and set(b) <= set(_GROUPS)):
+                    keys = sorted(b) if isinstance(b, Mapping) else type(b).__name__
+                    raise ValueError(
+                        "GRUTrainer trains on paired batches {'forget': ..., 'retain': ...[, "
+                        f"'idk': ...]}}, got {keys}: use PairedUnlearningDataset and "
+                        "PairedCollator"
+                    )
             counts: dict[str, Tensor] = {}
             retain_tokens = torch.zeros((), dtype=torch.long)
             for b in batch_samples:

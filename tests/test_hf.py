@@ -376,6 +376,10 @@ def test_trainer_rejects_bad_configuration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="data_collator"):
         GRUTrainer(model=tiny_model(), args=training_args(tmp_path),
                    train_dataset=PairedUnlearningDataset(forget, retain))
+    unpaired = GRUTrainer(model=tiny_model(), args=training_args(tmp_path, max_steps=1),
+                          train_dataset=forget, data_collator=lambda xs: pad_examples(xs, PAD))
+    with pytest.raises(ValueError, match="paired batches"):
+        unpaired.train()
     with pytest.raises(KeyError, match="unknown objective"):
         GRUTrainer(model=tiny_model(), args=training_args(tmp_path),
                    train_dataset=PairedUnlearningDataset(forget, retain),
