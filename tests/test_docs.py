@@ -264,12 +264,20 @@ def _warning_filters(config: pytest.Config) -> dict[str, list[str]]:
     }
 
 
+PAGE_SLACK = 60.0  # seconds a page may take beyond the sum of its blocks' limits
+
+
 def _run_page_now(page: str, config: pytest.Config) -> dict[int, dict[str, object]]:
-    blocks = [b for b in BLOCKS if b.page == page]
+    return _run_blocks([b for b in BLOCKS if b.page == page], _warning_filters(config))
+
+
+def _run_blocks(blocks: list[Block], filters: dict[str, list[str]]) -> dict[int, dict[str, object]]:
+    """Run blocks of one page in a subprocess; results by block index, and under key 0
+    the process's exit code and the tail of its output."""
     with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:
         spec = {
             "root": str(ROOT),
-            "warnings": _warning_filters(config),
+            "warnings": filters,
             "blocks": [
                 {"index": b.index, "line": b.line, "source": b.source, "run": b.run,
                  "timeout": b.timeout, "path": str(ROOT / b.page)}
@@ -285,16 +293,21 @@ def _run_page_now(page: str, config: pytest.Config) -> dict[int, dict[str, objec
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONWARNINGS", None)
-        budget = sum(b.timeout for b in blocks if b.run) + 60.0
+        budget = sum(b.timeout for b in blocks if b.run) + PAGE_SLACK
         cmd = [sys.executable, str(Path(__file__).resolve()),
                "--run-page", str(spec_path), str(result_path)]
-        try:
-            proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                                  timeout=budget)
-            tail = (proc.stdout[-4000:] + proc.stderr[-4000:]).strip()
-            rc: int | None = proc.returncode
-        except subprocess.TimeoutExpired as e:
-            tail, rc = f"page ran past its overall limit of {budget:g} s ({e})", None
+        # A session of its own, so that a timeout also ends the processes a block started.
+        with subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) as proc:
+            try:
+                out, _ = proc.communicate(timeout=budget)
+                rc: int | None = proc.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+                out, rc = f"{out}\npage ran past its overall limit of {budget:g} s", None
+        tail = out[-8000:].strip()
         results: dict[int, dict[str, object]] = {}
         if result_path.exists():
             for line in result_path.read_text().splitlines():
@@ -422,6 +435,34 @@ def test_child_enforces_the_time_limit_and_compiles_no_run_blocks(tmp_path: Path
     assert [r["status"] for r in res] == ["ok", "ok"]
     res = _run_fake_page(tmp_path, ["def broken(:\n"], run=[False])
     assert res[0]["status"] == "error" and "SyntaxError" in res[0]["detail"]
+
+
+def test_page_limit_ends_the_page_and_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "PAGE_SLACK", 2.0)
+    pid_file = tmp_path / "pid"
+    stubborn = (
+        "import subprocess, time\n"
+        f"p = subprocess.Popen(['sleep', '600'])\nopen({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "while True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass\n"
+    )
+    block = Block(page="x.md", index=1, line=1, source=stubborn, run=True, timeout=1.0)
+    start = time.perf_counter()
+    results = _run_blocks([block], {"ini": [], "cmdline": []})
+    assert time.perf_counter() - start < 30
+    assert results[0]["rc"] is None and "overall limit" in str(results[0]["output"])
+    assert 1 not in results  # the block never finished
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed with its session (a zombie until something reaps it)
+        try:
+            os.kill(grandchild, 0)
+            state = Path(f"/proc/{grandchild}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {grandchild} started by the block is still alive")
 
 
 def test_child_applies_pytest_warning_filters(tmp_path: Path) -> None:
