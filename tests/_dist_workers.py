@@ -300,6 +300,34 @@ def ddp_suite(rank: int, world: int) -> dict[str, Any]:
         t.numel() for s in zero.optim.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
     )
     out["numel"] = sum(p.numel() for p in model.parameters())
+
+    # 5. Checkpoint of GRU(ZeroRedundancyOptimizer): consolidate on rank 0, state_dict()
+    #    there (memory included), load on every rank into a fresh optimizer: resumes exactly.
+    import copy
+
+    more = [shard_batch(b, rank, world) for b in make_batches(2 * STEPS)[STEPS:]]
+    zero.consolidate_state_dict(to=0)
+    holder = [copy.deepcopy(opt.state_dict()) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    saved, weights = holder[0], copy.deepcopy(model.module.state_dict())
+    out["zero_ckpt_has_mem"] = all("gru_ema" in e for e in saved["state"].values())
+    for b in more:
+        f, r = closures(model, b)
+        opt.zero_grad()
+        opt.step(f, r)
+    model2 = DDP(make_model(), find_unused_parameters=True)
+    model2.module.load_state_dict(weights)
+    zero2 = ZeroRedundancyOptimizer(
+        list(model2.parameters()), optimizer_class=torch.optim.AdamW, lr=LR, weight_decay=0.01
+    )
+    opt2 = GRUOptimizer(zero2)
+    opt2.load_state_dict(saved)
+    for b in more:
+        f, r = closures(model2, b)
+        opt2.zero_grad()
+        opt2.step(f, r)
+    out["zero_continued"] = _params(model.module)
+    out["zero_resumed"] = _params(model2.module)
     return out
 
 

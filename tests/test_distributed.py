@@ -98,6 +98,13 @@ def test_zero_redundancy_optimizer_inside_gru(ddp, reference) -> None:
     assert sum(r["zero_local_state"] for r in ddp) == 2 * ddp[0]["numel"]
 
 
+def test_zero_redundancy_optimizer_checkpoint_resumes_exactly(ddp) -> None:
+    for r in ddp:
+        assert r["zero_ckpt_has_mem"] is True
+        identical(r["zero_resumed"], r["zero_continued"])
+    assert not torch.equal(ddp[0]["zero_continued"][0], ddp[0]["zero"][0])  # it trained on
+
+
 # ----------------------------------------------------------------------------- FSDP2
 def test_fsdp2_equals_one_process(fsdp, reference) -> None:
     identical(fsdp[0]["fsdp"], fsdp[1]["fsdp"])
