@@ -419,3 +419,16 @@ def test_objective_as_gru_forget_closure() -> None:
         after = sequence_nll(model(forget["input_ids"]), forget["labels"]).sum()
     assert after > before
     assert torch.isfinite(opt.last_stats["dot"])
+
+
+def test_importing_gru_optim_leaves_transformers_unimported() -> None:
+    """The objectives and data need only torch; the Hugging Face module loads on demand."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gru_optim, gru_optim.objectives, gru_optim.data; "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
