@@ -465,9 +465,14 @@ class GRUOptimizer(Optimizer):
                 emas = [_local(self._ema[p]) for p in with_grad]
                 ema_update_(emas, grads, self.gamma, foreach=self.foreach)
                 present = {id(p) for p in with_grad}
-                decayed = [_local(m) for p, m in self._ema.items() if id(p) not in present]
-                if decayed:
-                    torch._foreach_mul_(decayed, 1.0 - self.gamma)
+                absent = [p for p in self._ema if id(p) not in present]
+                if self.gamma == 1.0:
+                    # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded
+                    # checkpoint reads an all-zero memory (see load_state_dict).
+                    for p in absent:
+                        del self._ema[p]
+                elif absent:
+                    torch._foreach_mul_([_local(self._ema[p]) for p in absent], 1.0 - self.gamma)
                 if self.retain_weight != 0.0:
                     d = tensor_dots(grads, emas) * self.retain_weight
                     offsets = dict(zip(with_grad, d.unbind()))

@@ -20,7 +20,7 @@ from conftest import (
     make_inner,
     make_net,
 )
-from torch import Tensor
+from torch import Tensor, nn
 
 from gru_optim import EMA_KEY, GRUOptimizer
 
@@ -284,3 +284,52 @@ def test_every_optimizer_round_trips(name: str) -> None:
     for p, q in zip(model.parameters(), m2.parameters()):
         mp, mq = opt.retain_memory(p), opt2.retain_memory(q)
         assert (mp is None and mq is None) or torch.equal(mp, mq)
+
+
+def test_resume_bitwise_with_gamma_one_and_intermittent_retain_parameter() -> None:
+    """gamma = 1 and a parameter the retain loss uses only on some steps: its memory is
+    exactly zero on the others, which a reloaded checkpoint reads as no memory; the live
+    run must agree, or resuming would diverge (AdamW would move it on a zero gradient)."""
+
+    def run(model: nn.Linear, extra: nn.Linear, opt: GRUOptimizer, steps: range) -> None:
+        for t in steps:
+            g = torch.Generator().manual_seed(t)
+            x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+            def forget() -> Tensor:
+                loss = -model(x).square().mean()
+                loss.backward()
+                return loss
+
+            def retain() -> Tensor:
+                out = model(x + 1)
+                if t % 2 == 0:  # the extra layer joins the retain loss on even steps
+                    out = out + extra(x)
+                loss = out.square().mean()
+                loss.backward()
+                return loss
+
+            opt.zero_grad()
+            opt.step(forget, retain)
+
+    def build() -> tuple[nn.Linear, nn.Linear, GRUOptimizer]:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3).double()
+        extra = nn.Linear(4, 3).double()
+        inner = torch.optim.AdamW([*model.parameters(), *extra.parameters()], lr=0.05)
+        return model, extra, GRUOptimizer(inner, gamma=1.0)
+
+    model_a, extra_a, opt_a = build()
+    run(model_a, extra_a, opt_a, range(6))
+
+    model_b, extra_b, opt_b = build()
+    run(model_b, extra_b, opt_b, range(3))  # stops after an odd step: extra's memory is 0
+    sd = _roundtrip({"m": model_b.state_dict(), "e": extra_b.state_dict(), "o": opt_b.state_dict()})
+    model_c, extra_c, opt_c = build()
+    model_c.load_state_dict(sd["m"])
+    extra_c.load_state_dict(sd["e"])
+    opt_c.load_state_dict(sd["o"])
+    run(model_c, extra_c, opt_c, range(3, 6))
+    for a, c in zip([*model_a.parameters(), *extra_a.parameters()],
+                    [*model_c.parameters(), *extra_c.parameters()]):
+        assert torch.equal(a, c)
