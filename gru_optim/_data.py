@@ -57,8 +57,10 @@ class PairedUnlearningDataset(Dataset):
         rank: the process's rank; ``None`` reads it from ``torch.distributed`` (or
             ``$RANK``) when first needed.
 
-    Call :meth:`set_epoch` at the start of each epoch (the Hugging Face ``Trainer`` and
-    Accelerate data loaders do it for datasets that have the method).
+    Call :meth:`set_epoch` at the start of each epoch (:class:`~gru_optim.hf.GRUTrainer`
+    does; Accelerate's data loaders forward ``set_epoch`` to the dataset only on a single
+    process). DataLoader workers copy the dataset when they start, so with
+    ``persistent_workers=True`` they keep the pairing of the epoch they started in.
     """
 
     def __init__(
