@@ -58,7 +58,9 @@ COLLECTIVES = (
 class MLP(nn.Module):
     def __init__(self, d: int, layers: int, classes: int = 16) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.GELU()) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, d), nn.GELU()) for _ in range(layers)
+        )
         self.head = nn.Linear(d, classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -219,10 +221,11 @@ def worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
-    n_params = sum(p.numel() for p in MLP(args.d, args.layers).parameters())
+    params = list(MLP(args.d, args.layers).parameters())
+    n_params = sum(p.numel() for p in params)
     lines = [
         f"# Collectives per step, {args.world} processes ({args.backend}), MLP d={args.d} "
-        f"layers={args.layers}: {n_params:,} parameters, {len(list(MLP(args.d, args.layers).parameters()))} tensors",
+        f"layers={args.layers}: {n_params:,} parameters, {len(params)} tensors",
         "",
     ]
     for mode in args.modes:
@@ -230,7 +233,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             f"## {mode.upper()}",
             "",
-            "| setting | collectives / step | bytes / step | GRU adds (collectives, bytes) | ms / step |",
+            "| setting | collectives / step | bytes / step "
+            "| GRU adds (collectives, bytes) | ms / step |",
             "|---|---:|---:|---:|---:|",
         ]
         for name in SETTINGS:
@@ -240,7 +244,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 f"| {name} | {r['collectives']} | {r['bytes']:,} | "
                 f"{added[0]:+d}, {added[1]:+,d} B | {r['ms_per_step']:.1f} |"
             )
-        gru_calls = [c for c in results[f"{mode}|GRU global (default)"]["calls"] if c not in base["calls"]]
+        gru_calls = [
+            c for c in results[f"{mode}|GRU global (default)"]["calls"] if c not in base["calls"]
+        ]
         lines += ["", f"GRU's own calls (global, default): {gru_calls}", ""]
     return "\n".join(lines)
 

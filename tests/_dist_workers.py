@@ -55,7 +55,9 @@ class TwoHeads(nn.Module):
         h = self.body(x)
         if which == "forget":  # gradient ascent on the forget set
             return -F.cross_entropy(self.head(h), y)
-        return F.cross_entropy(self.head(h), y) + 0.5 * F.cross_entropy(self.retain_head(h), y % AUX)
+        return F.cross_entropy(self.head(h), y) + 0.5 * F.cross_entropy(
+            self.retain_head(h), y % AUX
+        )
 
 
 def make_model() -> TwoHeads:
@@ -163,7 +165,9 @@ def _entry(suite: str, rank: int, world: int, port: int, outdir: str) -> None:
                 dist.destroy_process_group()
         except BaseException:  # reported to the test process, which fails with it
             result["error"] = traceback.format_exc()
-    result["warnings"] = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught]
+    result["warnings"] = [
+        f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+    ]
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -187,12 +191,16 @@ def spawn(suite: str, world: int = 2, timeout: float = 300.0) -> list[dict[str, 
             p.kill()
             p.join()
         if hung:
-            raise TimeoutError(f"suite {suite!r}: {len(hung)} process(es) still running after {timeout} s")
+            raise TimeoutError(
+                f"suite {suite!r}: {len(hung)} process(es) still running after {timeout} s"
+            )
         results = []
         for rank in range(world):
             path = os.path.join(outdir, f"rank{rank}.pt")
             if not os.path.exists(path):
-                raise RuntimeError(f"suite {suite!r}: rank {rank} exited ({procs[rank].exitcode}) without a result")
+                raise RuntimeError(
+                    f"suite {suite!r}: rank {rank} exited ({procs[rank].exitcode}) without a result"
+                )
             results.append(torch.load(path, weights_only=True))
     errors = [r["error"] for r in results if "error" in r]
     if errors:
@@ -297,7 +305,10 @@ def ddp_suite(rank: int, world: int) -> dict[str, Any]:
         opt.step(f, r)
     out["zero"] = _params(model.module)
     out["zero_local_state"] = sum(
-        t.numel() for s in zero.optim.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+        t.numel()
+        for s in zero.optim.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
     )
     out["numel"] = sum(p.numel() for p in model.parameters())
 
@@ -355,7 +366,9 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     batches = [shard_batch(b, rank, world) for b in make_batches(2 * STEPS)]
 
-    def train(model: nn.Module, opt: GRUOptimizer, bs: list[dict[str, Tensor]]) -> list[list[tuple[int, int]]]:
+    def train(
+        model: nn.Module, opt: GRUOptimizer, bs: list[dict[str, Tensor]]
+    ) -> list[list[tuple[int, int]]]:
         per_step = []
         for b in bs:
             f, r = closures(model, b)
@@ -509,7 +522,9 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
     scaler.update()
     out["overflow_skipped"] = bool(opt.last_stats["skipped"])
     out["overflow_params_same"] = all(torch.equal(a, b) for a, b in zip(before, _params(model)))
-    out["overflow_mems_same"] = all(torch.equal(a, b) for a, b in zip(mem_before, _mems(opt, model)))
+    out["overflow_mems_same"] = all(
+        torch.equal(a, b) for a, b in zip(mem_before, _mems(opt, model))
+    )
     out["scale_after_overflow"] = scaler.get_scale()
     return out
 

@@ -105,13 +105,22 @@ CONFIGS = [
 
 @pytest.mark.parametrize("path", ["closures", "closure_free"])
 @pytest.mark.parametrize("gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update"])
-def test_four_micro_batches_of_four_equal_one_batch_of_sixteen(path: str, gru: dict[str, Any]) -> None:
+def test_four_micro_batches_of_four_equal_one_batch_of_sixteen(
+    path: str, gru: dict[str, Any]
+) -> None:
     params, mems, stats = train(MICRO, path, **gru)
     ref_params, ref_mems, ref_stats = train(1, path, **gru)
     assert_close(params, ref_params, torch.float64)
     assert_close(mems, ref_mems, torch.float64)
     for s, r in zip(stats, ref_stats):
-        for key in ("dot", "coef", "forget_grad_norm", "retain_grad_norm", "forget_loss", "retain_loss"):
+        for key in (
+            "dot",
+            "coef",
+            "forget_grad_norm",
+            "retain_grad_norm",
+            "forget_loss",
+            "retain_loss",
+        ):
             torch.testing.assert_close(s[key], r[key], rtol=1e-10, atol=1e-12, equal_nan=True)
     assert any(bool(s["conflict"]) for s in ref_stats)  # the projection did happen
 
@@ -134,7 +143,10 @@ def test_memory_is_updated_once_per_step_not_per_micro_batch() -> None:
     opt.zero_grad()
     with opt.retain_pass():
         for x, y in zip(xr.chunk(MICRO), yr.chunk(MICRO)):
-            before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+            before = [
+                torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for p in model.parameters()
+            ]
             (model.retain_loss(x, y) / MICRO).backward()
             micro_grads.append([p.grad - b for p, b in zip(model.parameters(), before)])  # type: ignore[operator]
     model.forget_loss(xf, yf).backward()

@@ -121,7 +121,9 @@ PATHS = ["closures", "closures_scaler_step", "closure_free", "closure_free_scale
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("gru", [{}, {"retain_weight": 0.5}, {"space": "update"}], ids=["plain", "rw", "update"])
+@pytest.mark.parametrize(
+    "gru", [{}, {"retain_weight": 0.5}, {"space": "update"}], ids=["plain", "rw", "update"]
+)
 def test_scaled_run_matches_unscaled_bitwise(path: str, gru: dict[str, Any]) -> None:
     ref_model, ref_opt = run(path, None, **gru)
     scaler = make_scaler()
@@ -166,7 +168,8 @@ def test_injected_overflow_skips_the_step(where: str, path: str) -> None:
     probe = copy.deepcopy(model)
     F.cross_entropy(probe(xr), yr).backward()
     expected_mems = [
-        0.8 * q.grad + 0.2 * m for q, m in zip(probe.parameters(), before["mems"])  # type: ignore[operator]
+        0.8 * q.grad + 0.2 * m
+        for q, m in zip(probe.parameters(), before["mems"])  # type: ignore[operator]
     ]
 
     opt.zero_grad()
@@ -360,7 +363,9 @@ def test_micro_batches_under_a_scaler_match_one_unscaled_batch() -> None:
 
 
 # ----------------------------------------------------------------------------- bf16
-def _bf16_run(dtype: torch.dtype, autocast: bool = False, steps: int = 5) -> tuple[nn.Module, GRUOptimizer, list[bool]]:
+def _bf16_run(
+    dtype: torch.dtype, autocast: bool = False, steps: int = 5
+) -> tuple[nn.Module, GRUOptimizer, list[bool]]:
     model = make_model(dtype)
     opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     conflicts = []
@@ -397,7 +402,9 @@ def test_bf16_parameters_keep_an_fp32_memory_and_track_the_fp32_run() -> None:
         torch.testing.assert_close(m, ref_opt.retain_memory(q), rtol=0, atol=0.02)
     for key in ("dot", "ema_norm", "forget_grad_norm", "coef"):
         assert opt.last_stats[key].dtype == torch.float32
-        torch.testing.assert_close(opt.last_stats[key], ref_opt.last_stats[key], rtol=0.05, atol=1e-3)
+        torch.testing.assert_close(
+            opt.last_stats[key], ref_opt.last_stats[key], rtol=0.05, atol=1e-3
+        )
 
 
 def test_bf16_autocast_with_fp32_parameters_tracks_the_fp32_run() -> None:

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import _dist_workers as W
 import pytest
 import torch
-
-import _dist_workers as W
 
 WORLD = 2
 

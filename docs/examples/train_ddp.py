@@ -3,7 +3,8 @@
 Run it with torchrun (docs/examples/launch_cpu.sh does, on the CPU with gloo)::
 
     torchrun --standalone --nproc-per-node 2 docs/examples/train_ddp.py
-    torchrun --standalone --nproc-per-node 2 docs/examples/train_ddp.py --fsdp2 --checkpoint /tmp/gru_ckpt
+    torchrun --standalone --nproc-per-node 2 docs/examples/train_ddp.py --fsdp2 \
+        --checkpoint /tmp/gru_ckpt
 
 or as a plain script (one process, world size 1). Every rank trains on its own slice of
 each batch; GRU sees the gradients after the all-reduce (DDP) or reduce-scatter (FSDP2),
@@ -26,7 +27,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 from gru_optim import GRUOptimizer  # noqa: E402
-
 
 DEVICE = torch.device("cpu")
 
@@ -71,7 +71,9 @@ def build(fsdp2: bool) -> tuple[nn.Module, GRUOptimizer]:
     return model, opt
 
 
-def train(model: nn.Module, opt: GRUOptimizer, data: list, rank: int, world: int, first: int = 0) -> None:
+def train(
+    model: nn.Module, opt: GRUOptimizer, data: list, rank: int, world: int, first: int = 0
+) -> None:
     for step, (xf, yf, xr, yr) in enumerate(data, start=first):
         n = xf.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
@@ -140,7 +142,10 @@ def main() -> None:
     dist.all_gather(gathered, w)
     same = all(torch.equal(gathered[0], g) for g in gathered)
     if rank == 0:
-        print(f"{world} rank(s), {'FSDP2' if args.fsdp2 else 'DDP'}: weights identical on every rank: {same}")
+        print(
+            f"{world} rank(s), {'FSDP2' if args.fsdp2 else 'DDP'}: "
+            f"weights identical on every rank: {same}"
+        )
 
     if args.checkpoint:
         import torch.distributed.checkpoint as dcp
