@@ -54,10 +54,15 @@ def summary(step: dict[str, Any], memory: dict[str, Any], e2e: dict[str, Any]) -
             and p["bf16"]["ema_per_param_byte"] == 0.5
             and p["fp32"]["other_bytes"] < 1024,
         },
-        "e2e_gru_over_graddiff": {
+        "e2e_gru_over_graddiff (wall)": {
             "value": e2e["ratio_gru_over_graddiff"],
             "target": f"<= {TARGETS['e2e_gru_over_graddiff']}",
             "met": e2e["ratio_gru_over_graddiff"] <= TARGETS["e2e_gru_over_graddiff"],
+        },
+        "e2e_gru_over_graddiff (CPU time)": {
+            "value": e2e["ratio_cpu_time"],
+            "target": f"<= {TARGETS['e2e_gru_over_graddiff']}",
+            "met": e2e["ratio_cpu_time"] <= TARGETS["e2e_gru_over_graddiff"],
         },
     }
     return {"size": step["shape"]["name"], "checks": checks}

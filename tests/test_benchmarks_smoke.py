@@ -141,6 +141,8 @@ def test_e2e_quick_runs_both_steps():
     )
     assert set(res["methods"]) == {"graddiff", "gru"}
     assert _finite_positive(res["ratio_gru_over_graddiff"])
+    assert _finite_positive(res["ratio_cpu_time"])
+    assert len(res["cpu_time"]["gru"]["samples_s"]) == 1
     assert res["gru_steps"] == 2  # warm-up + one repeat
     assert "GRU / GradDiff" in bench_e2e.markdown(res)
 
