@@ -10,7 +10,7 @@ Face ``GRUTrainer``.
 """
 
 from . import data, functional, objectives
-from ._optimizer import EMA_KEY, GRUOptimizer
+from ._optimizer import EMA_KEY, GRUOptimizer, RetainPass
 from ._version import __version__
 
-__all__ = ["EMA_KEY", "GRUOptimizer", "__version__", "data", "functional", "objectives"]
+__all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass", "__version__", "data", "functional", "objectives"]

@@ -21,7 +21,7 @@ from ._functional import (
     tensor_sq_norms,
 )
 
-__all__ = ["EMA_KEY", "GRUOptimizer"]
+__all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
 
 EMA_KEY = "gru_ema"
 """Key of the retain memory in each parameter's entry of ``state_dict()["state"]``."""
@@ -101,6 +101,19 @@ class _RetainGradients:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self._owner.param_groups
+
+
+class RetainPass:
+    """Handle yielded by :meth:`GRUOptimizer.retain_pass`."""
+
+    def __init__(self, loss: Tensor | None = None) -> None:
+        self.loss: Tensor | None = None if loss is None else loss.detach()
+
+    def record(self, loss: Tensor) -> None:
+        """Add ``loss`` (detached) to the retain loss reported in ``last_stats``; call it
+        once per micro-batch to report their sum."""
+        loss = loss.detach()
+        self.loss = loss if self.loss is None else self.loss + loss
 
 
 @dataclass
@@ -418,13 +431,19 @@ class GRUOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ retain side
     @contextlib.contextmanager
-    def retain_pass(self, loss: Tensor | None = None) -> Iterator[None]:
+    def retain_pass(self, loss: Tensor | None = None) -> Iterator[RetainPass]:
         """Context in which the retain loss is back-propagated (the closure-free path).
 
         On exit the retain gradient (everything accumulated inside, so micro-batches may
         loop in it) is folded into the memory and the gradients are cleared, ready for the
-        forget loss's ``backward`` and :meth:`step`. ``loss`` is only recorded for
-        :attr:`last_stats`.
+        forget loss's ``backward`` and :meth:`step`. The losses given as ``loss`` or to the
+        yielded handle's :meth:`RetainPass.record` (summed) are only recorded for
+        :attr:`last_stats`::
+
+            with opt.retain_pass() as rp:
+                loss = retain_loss_fn()
+                loss.backward()
+                rp.record(loss)
         """
         if self._pending is not None or self.__dict__.get("_in_retain_pass", False):
             raise RuntimeError(
@@ -433,9 +452,10 @@ class GRUOptimizer(Optimizer):
             )
         params = self._params()
         before = _signature(params)
+        handle = RetainPass(loss)
         self._in_retain_pass = True
         try:
-            yield
+            yield handle
         finally:
             self._in_retain_pass = False
         if _signature(params) == before:
@@ -443,7 +463,7 @@ class GRUOptimizer(Optimizer):
                 "no gradient was computed inside retain_pass(): call backward on the retain "
                 "loss inside the with-block"
             )
-        self._fold_retain(params, loss)
+        self._fold_retain(params, handle.loss)
 
     def _fold_retain(self, params: list[Tensor], loss: Any) -> None:
         self._check_grads(params)

@@ -594,3 +594,29 @@ def test_foreach_and_per_tensor_kernels_agree(kw: dict) -> None:
         assert (mp is None) == (mq is None)
         if mp is not None:
             torch.testing.assert_close(mp, mq, rtol=1e-6, atol=1e-8)
+
+
+def test_retain_pass_handle_records_the_retain_loss() -> None:
+    """The closure-free path reports the retain loss (summed over micro-batches) in
+    last_stats when it is recorded on the handle; without it the entry is NaN."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 3)
+    opt.zero_grad()
+    with opt.retain_pass() as rp:
+        total = torch.zeros(())
+        for chunk in x.split(2):
+            loss = model(chunk).square().mean()
+            loss.backward()
+            rp.record(loss)
+            total = total + loss.detach()
+    (-model(x).sum()).backward()
+    opt.step()
+    assert torch.equal(opt.last_stats["retain_loss"], total)
+    opt.zero_grad()
+    with opt.retain_pass():
+        model(x).square().mean().backward()
+    (-model(x).sum()).backward()
+    opt.step()
+    assert torch.isnan(opt.last_stats["retain_loss"])
