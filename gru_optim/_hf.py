@@ -267,9 +267,8 @@ class GRUTrainer(Trainer):
         opt = self.gru_optimizer
         model = self.model_wrapped
         model.train()
-        total = torch.zeros((), device=retain_tokens.device)
         last = len(batch_samples) - 1
-        with opt.retain_pass():
+        with opt.retain_pass() as rp:
             for k, b in enumerate(batch_samples):
                 inputs = self._prepare_inputs(b["retain"])
                 sync = (
@@ -282,8 +281,9 @@ class GRUTrainer(Trainer):
                         logits = model(**_without_labels(inputs)).logits
                         loss = nll_loss(logits, inputs["labels"], num_items=retain_tokens)
                     self.accelerator.backward(loss * self._gru_scale)
-                total = total + loss.detach()
-        self._gru_log["retain_loss"].append(total)
+                rp.record(loss)
+        assert rp.loss is not None
+        self._gru_log["retain_loss"].append(rp.loss)
 
     def training_step(
         self,
