@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common as C
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import _common as C
 from gru_optim import GRUOptimizer
 
 
@@ -69,7 +69,9 @@ def run(cfg: dict[str, int], repeats: int, verbose: bool = True) -> dict[str, An
     forget = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), generator=g)
     retain = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"] + 1), generator=g)
     opt_gd = torch.optim.AdamW(model_gd.parameters(), lr=1e-5, foreach=True)
-    opt_gru = GRUOptimizer(torch.optim.AdamW(model_gru.parameters(), lr=1e-5, foreach=True), gamma=0.8)
+    opt_gru = GRUOptimizer(
+        torch.optim.AdamW(model_gru.parameters(), lr=1e-5, foreach=True), gamma=0.8
+    )
 
     cpu: dict[str, list[float]] = {"graddiff": [], "gru": []}
 
@@ -125,7 +127,9 @@ def run(cfg: dict[str, int], repeats: int, verbose: bool = True) -> dict[str, An
         # CPU time of this process (time.process_time): what the step itself consumed,
         # without the time it waited for a core that other jobs held. On a dedicated
         # machine with one thread the two agree; on a shared one this is the robust one.
-        "cpu_time": {k: {**C.summarize(v[-repeats:]), "samples_s": v[-repeats:]} for k, v in cpu.items()},
+        "cpu_time": {
+            k: {**C.summarize(v[-repeats:]), "samples_s": v[-repeats:]} for k, v in cpu.items()
+        },
         "ratio_cpu_time": statistics.median(
             b / a for a, b in zip(cpu["graddiff"][-repeats:], cpu["gru"][-repeats:])
         ),

@@ -29,12 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
 import _common as C
+import torch
 from baselines import PCGradStyle, ReferenceStyleGRU
 from bench_step import GAMMA, _NoOpOptimizer
+from torch.profiler import ProfilerActivity, profile
+
 from gru_optim import GRUOptimizer
 from gru_optim.functional import ema_update_, rectify_
 
@@ -55,10 +55,16 @@ def peak_transient(fn: Callable[[], Any]) -> dict[str, int]:
     for e in events:
         live += e.nbytes()
         peak = max(peak, live)
-    return {"torch_peak_bytes": int(peak), "torch_net_bytes": int(live), "host_peak_bytes": int(np_peak)}
+    return {
+        "torch_peak_bytes": int(peak),
+        "torch_net_bytes": int(live),
+        "host_peak_bytes": int(np_peak),
+    }
 
 
-def _tensors_in(obj: Any, path: str, seen: set[int], out: list[tuple[str, torch.Tensor]], depth: int = 0) -> None:
+def _tensors_in(
+    obj: Any, path: str, seen: set[int], out: list[tuple[str, torch.Tensor]], depth: int = 0
+) -> None:
     if depth > 6:
         return
     if isinstance(obj, torch.Tensor):
@@ -116,7 +122,9 @@ def persistent_bytes(opt: GRUOptimizer, params: list[torch.Tensor]) -> dict[str,
     }
 
 
-def _setup(shape: C.ModelShape) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
+def _setup(
+    shape: C.ModelShape,
+) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor]]:
     torch.manual_seed(1234)  # not 0: make_params draws with seed 0
     params = C.make_params(shape)
     forget = [p.detach().mul(-0.5).add_(torch.randn_like(p), alpha=0.01) for p in params]
@@ -131,7 +139,11 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
     largest = max(p.numel() * p.element_size() for p in params)
     named = [(n, p) for (n, _), p in zip(shape.shapes(), params)]
     out: dict[str, Any] = {
-        "shape": {"name": shape.name, "numel": sum(p.numel() for p in params), "n_tensors": len(params)},
+        "shape": {
+            "name": shape.name,
+            "numel": sum(p.numel() for p in params),
+            "n_tensors": len(params),
+        },
         "largest_param_bytes": largest,
     }
 
@@ -146,14 +158,15 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
             opt.step()
         assert bool(opt.last_stats["conflict"])
         persist[label] = persistent_bytes(opt, params)
-        del opt
         gc.collect()
     out["persistent"] = persist
 
     # Transient memory inside each phase.
     transient: dict[str, dict[str, Any]] = {}
 
-    def phases(pre: Callable[[], Any], post_retain: Callable[[], Any], post_forget: Callable[[], Any]) -> dict[str, Any]:
+    def phases(
+        pre: Callable[[], Any], post_retain: Callable[[], Any], post_forget: Callable[[], Any]
+    ) -> dict[str, Any]:
         # warm-up step, then measure the second one
         for measure in (False, True):
             pre()
@@ -171,24 +184,18 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
         ctx[-1].__enter__()
 
     transient["gru"] = phases(w_pre, lambda: ctx.pop().__exit__(None, None, None), opt.step)
-    del opt
     opt = GRUOptimizer(torch.optim.AdamW(params, lr=1e-8, foreach=True), gamma=GAMMA)
     transient["gru+adamw"] = phases(w_pre, lambda: ctx.pop().__exit__(None, None, None), opt.step)
-    del opt
     adam = torch.optim.AdamW(params, lr=1e-8, foreach=True)
     transient["adamw"] = phases(lambda: None, lambda: None, adam.step)
-    del adam
     ema = [torch.zeros_like(p) for p in params]
     transient["gru_core"] = phases(
         lambda: None, lambda: ema_update_(ema, grads, GAMMA), lambda: rectify_(grads, ema)
     )
-    del ema
     ref = ReferenceStyleGRU(named, GAMMA)
     transient["reference"] = phases(lambda: None, ref.post_retain, ref.post_forget)
-    del ref
     pc = PCGradStyle(params, GAMMA)
     transient["pcgrad"] = phases(lambda: None, pc.post_retain, pc.post_forget)
-    del pc
     gc.collect()
     for v in transient.values():
         v["peak_bytes"] = max(
@@ -229,8 +236,22 @@ def persistent_rows(out: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-PERSIST_HEADERS = ["EMA dtype", "param MiB", "EMA MiB", "EMA / param bytes", "other bytes", "all extra / param bytes"]
-TRANSIENT_HEADERS = ["method", "retain fold peak MiB", "rectify/step peak MiB", "of which host (tracemalloc) MiB", "peak / largest param", "peak / all params"]
+PERSIST_HEADERS = [
+    "EMA dtype",
+    "param MiB",
+    "EMA MiB",
+    "EMA / param bytes",
+    "other bytes",
+    "all extra / param bytes",
+]
+TRANSIENT_HEADERS = [
+    "method",
+    "retain fold peak MiB",
+    "rectify/step peak MiB",
+    "of which host (tracemalloc) MiB",
+    "peak / largest param",
+    "peak / all params",
+]
 
 
 def transient_rows(out: dict[str, Any]) -> list[list[Any]]:
@@ -250,7 +271,9 @@ def transient_rows(out: dict[str, Any]) -> list[list[Any]]:
 
 
 def print_tables(out: dict[str, Any]) -> None:
-    C.print_table(f"persistent memory ({out['shape']['name']})", PERSIST_HEADERS, persistent_rows(out))
+    C.print_table(
+        f"persistent memory ({out['shape']['name']})", PERSIST_HEADERS, persistent_rows(out)
+    )
     C.print_table(
         f"transient memory ({out['shape']['name']}, largest parameter "
         f"{C.mib(out['largest_param_bytes']):.1f} MiB)",

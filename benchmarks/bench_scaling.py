@@ -12,6 +12,7 @@ Writes ``docs/results/bench_scaling.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def run(sizes: list[str], quick: bool, verbose: bool = True) -> dict[str, Any]:
             verbose=verbose,
         )
         results.append(res)
+        gc.collect()  # the case's tensors are freed once measure() returns
     return {"cases": results, "skipped": skipped}
 
 
@@ -145,7 +147,9 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         if "bandwidth" in r
     ]
     if bound:
-        ax1.plot([p[0] for p in bound], [p[1] * 1e3 for p in bound], ":k", label="GRU bandwidth bound")
+        ax1.plot(
+            [p[0] for p in bound], [p[1] * 1e3 for p in bound], ":k", label="GRU bandwidth bound"
+        )
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("parameters")
@@ -158,7 +162,9 @@ def plot(payload: dict[str, Any], path: Path) -> Path | None:
         ("gru_over_reference", "GRU / reference-style"),
         ("gru_over_pcgrad", "GRU / PCGrad-style"),
     ):
-        pts = [(r["shape"]["numel"], r["ratios"][key]) for r in payload["cases"] if key in r["ratios"]]
+        pts = [
+            (r["shape"]["numel"], r["ratios"][key]) for r in payload["cases"] if key in r["ratios"]
+        ]
         if pts:
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=label)
     ax2.axhline(0.8, color="C0", ls=":", lw=1, label="target vs AdamW (0.8)")

@@ -35,10 +35,10 @@ import gc
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 import _common as C
+import torch
 from baselines import PCGradStyle, ReferenceStyleGRU
+
 from gru_optim import GRUOptimizer
 from gru_optim.functional import ema_update_, rectify_
 
@@ -295,8 +295,6 @@ def measure(
                 res["bandwidth"][f"{k}_over_bound"] = med[k] / t_bound
     if verbose:
         print_step_table(res)
-    del impls, params, grads, forget_src, retain_src
-    gc.collect()
     return res
 
 

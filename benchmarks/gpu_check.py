@@ -38,10 +38,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import _common as C
+import torch
 from bench_step import GAMMA, _NoOpOptimizer
+
 from gru_optim import GRUOptimizer
 from gru_optim.functional import ema_update_, rectify_
 
@@ -57,7 +57,9 @@ def _sync(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- 1. correctness
-def reference_rectify(g_u: list[torch.Tensor], m: list[torch.Tensor]) -> tuple[list[torch.Tensor], float, float]:
+def reference_rectify(
+    g_u: list[torch.Tensor], m: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], float, float]:
     """The GRU rule in float64 on the CPU, written from GRU_SPEC.md."""
     dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g_u, m))
     sq = sum(float((b.double() ** 2).sum()) for b in m)
@@ -65,7 +67,9 @@ def reference_rectify(g_u: list[torch.Tensor], m: list[torch.Tensor]) -> tuple[l
     return [a.double() - coef * b.double() for a, b in zip(g_u, m)], dot, coef
 
 
-def check_correctness(device: torch.device, grad_dtype: torch.dtype, steps: int = 4) -> dict[str, Any]:
+def check_correctness(
+    device: torch.device, grad_dtype: torch.dtype, steps: int = 4
+) -> dict[str, Any]:
     shape = C.TINY
     params = C.make_params(shape, dtype=grad_dtype, device=str(device), seed=3)
     opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA)
@@ -103,7 +107,10 @@ def check_correctness(device: torch.device, grad_dtype: torch.dtype, steps: int 
         s = opt.last_stats
         worst["dot_rel"] = max(worst["dot_rel"], abs(float(s["dot"]) - dot) / max(abs(dot), 1e-30))
         got_coef = float(s["coef"])
-        worst["coef_rel"] = max(worst["coef_rel"], abs(got_coef - coef) / max(abs(coef), 1e-30) if coef else abs(got_coef))
+        worst["coef_rel"] = max(
+            worst["coef_rel"],
+            abs(got_coef - coef) / max(abs(coef), 1e-30) if coef else abs(got_coef),
+        )
         opt.zero_grad()
     ema_dtype = str(opt.retain_memory(params[0]).dtype)
     # bf16 gradients are rounded to 8 bits after the projection; fp32 to 24.
@@ -174,7 +181,9 @@ def check_no_sync(device: torch.device) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- 3+4. timing
-def time_size(shape: C.ModelShape, device: torch.device, grad_dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+def time_size(
+    shape: C.ModelShape, device: torch.device, grad_dtype: torch.dtype, repeats: int
+) -> dict[str, Any]:
     torch.manual_seed(1234)  # not 0: make_params draws with seed 0
     params = C.make_params(shape, dtype=grad_dtype, device=str(device))
     numel = sum(p.numel() for p in params)
@@ -188,9 +197,11 @@ def time_size(shape: C.ModelShape, device: torch.device, grad_dtype: torch.dtype
     wrapper = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA, skip_nonfinite=False)
     core_ema = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     adam_foreach = torch.optim.AdamW(params, lr=1e-8, foreach=True)
-    adam_fused = torch.optim.AdamW(params, lr=1e-8, fused=True) if (
-        device.type == "cuda" or grad_dtype == torch.float32
-    ) else None
+    adam_fused = (
+        torch.optim.AdamW(params, lr=1e-8, fused=True)
+        if (device.type == "cuda" or grad_dtype == torch.float32)
+        else None
+    )
     ctx: list[Any] = []
 
     methods: dict[str, tuple[Any, Any, Any]] = {
@@ -199,7 +210,11 @@ def time_size(shape: C.ModelShape, device: torch.device, grad_dtype: torch.dtype
             lambda: ctx.pop().__exit__(None, None, None),
             wrapper.step,
         ),
-        "gru_core": (None, lambda: ema_update_(core_ema, grads, GAMMA), lambda: rectify_(grads, core_ema)),
+        "gru_core": (
+            None,
+            lambda: ema_update_(core_ema, grads, GAMMA),
+            lambda: rectify_(grads, core_ema),
+        ),
         "adamw_foreach": (None, None, adam_foreach.step),
         "copy": (None, None, lambda: torch._foreach_copy_(grads, forget_src)),
     }
@@ -290,10 +305,6 @@ def time_size(shape: C.ModelShape, device: torch.device, grad_dtype: torch.dtype
         "allocated_before_bytes": base_alloc,
         "fused_kernel_advised": med["gru"] / bound > 1.5,
     }
-    del wrapper, core_ema, adam_foreach, adam_fused, params, grads, forget_src, retain_src, methods
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
@@ -330,25 +341,83 @@ def reference_at(shape: C.ModelShape, device: torch.device, repeats: int) -> dic
 # --------------------------------------------------------------------------- main
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"Device: {res['env'].get('gpu', res['device'])}; torch {res['env']['torch']}.", ""]
-    rows = [[c["grad_dtype"], c["ema_dtype"], c["conflicting_steps"], c["worst"]["grad_rel"], c["worst"]["ema_rel"], c["worst"]["dot_rel"], "yes" if c["ok"] else "NO"] for c in res["correctness"]]
-    lines += [C.markdown_table(["grads", "memory", "conflicting steps", "grad rel err", "EMA rel err", "dot rel err", "ok"], rows), ""]
-    lines += [C.markdown_table(["inner optimizer", "sync check"], [[k, v.splitlines()[0]] for k, v in res["no_sync"].items()]), ""]
+    rows = [
+        [
+            c["grad_dtype"],
+            c["ema_dtype"],
+            c["conflicting_steps"],
+            c["worst"]["grad_rel"],
+            c["worst"]["ema_rel"],
+            c["worst"]["dot_rel"],
+            "yes" if c["ok"] else "NO",
+        ]
+        for c in res["correctness"]
+    ]
+    lines += [
+        C.markdown_table(
+            [
+                "grads",
+                "memory",
+                "conflicting steps",
+                "grad rel err",
+                "EMA rel err",
+                "dot rel err",
+                "ok",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    lines += [
+        C.markdown_table(
+            ["inner optimizer", "sync check"],
+            [[k, v.splitlines()[0]] for k, v in res["no_sync"].items()],
+        ),
+        "",
+    ]
     rows = []
     for t in res["timings"]:
         m = t["median_s"]
-        rows.append([
-            t["size"], t["numel"] / 1e6, t["grad_dtype"].replace("torch.", ""),
-            m["gru"] * 1e3, m["gru_core"] * 1e3, m["adamw_foreach"] * 1e3,
-            m.get("adamw_fused", float("nan")) * 1e3, m["copy"] * 1e3,
-            t["copy_bandwidth_GBps"], t["gru_over_bound"], t["gru_over_adamw_fused"] or float("nan"),
-            C.mib(max(t["transient_peak_bytes"].get("gru", 0), 0)),
-        ])
-    lines.append(C.markdown_table(
-        ["size", "params (M)", "grads", "GRU ms", "core ms", "AdamW foreach ms", "AdamW fused ms",
-         "copy ms", "copy GB/s", "GRU / bound", "GRU / fused AdamW", "GRU transient MiB"], rows))
+        rows.append(
+            [
+                t["size"],
+                t["numel"] / 1e6,
+                t["grad_dtype"].replace("torch.", ""),
+                m["gru"] * 1e3,
+                m["gru_core"] * 1e3,
+                m["adamw_foreach"] * 1e3,
+                m.get("adamw_fused", float("nan")) * 1e3,
+                m["copy"] * 1e3,
+                t["copy_bandwidth_GBps"],
+                t["gru_over_bound"],
+                t["gru_over_adamw_fused"] or float("nan"),
+                C.mib(max(t["transient_peak_bytes"].get("gru", 0), 0)),
+            ]
+        )
+    lines.append(
+        C.markdown_table(
+            [
+                "size",
+                "params (M)",
+                "grads",
+                "GRU ms",
+                "core ms",
+                "AdamW foreach ms",
+                "AdamW fused ms",
+                "copy ms",
+                "copy GB/s",
+                "GRU / bound",
+                "GRU / fused AdamW",
+                "GRU transient MiB",
+            ],
+            rows,
+        )
+    )
     if res.get("reference"):
         r = res["reference"]
-        lines.append(f"\nReference-style GRU at {r['size']}: {r['median_s'] * 1e3:.0f} ms per step.")
+        lines.append(
+            f"\nReference-style GRU at {r['size']}: {r['median_s'] * 1e3:.0f} ms per step."
+        )
     return "\n".join(lines)
 
 
@@ -364,9 +433,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu":
         C.set_threads(None)
     t_start = time.perf_counter()
-    res: dict[str, Any] = {"benchmark": "gpu_check", "device": str(device), "quick": args.quick, "env": C.environment(str(device))}
-    res["correctness"] = [check_correctness(device, torch.bfloat16), check_correctness(device, torch.float32)]
-    print("correctness:", [(c["grad_dtype"], c["ok"], c["worst"]) for c in res["correctness"]], flush=True)
+    res: dict[str, Any] = {
+        "benchmark": "gpu_check",
+        "device": str(device),
+        "quick": args.quick,
+        "env": C.environment(str(device)),
+    }
+    res["correctness"] = [
+        check_correctness(device, torch.bfloat16),
+        check_correctness(device, torch.float32),
+    ]
+    print(
+        "correctness:",
+        [(c["grad_dtype"], c["ok"], c["worst"]) for c in res["correctness"]],
+        flush=True,
+    )
     res["no_sync"] = check_no_sync(device)
     print("no sync:", {k: v.splitlines()[0] for k, v in res["no_sync"].items()}, flush=True)
     if args.sizes:
@@ -379,13 +460,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for dt in (torch.float32, torch.bfloat16):
             reps = args.repeats or (3 if args.quick else (20 if shape.numel < 5e8 else 10))
             t = time_size(shape, device, dt, reps)
+            gc.collect()  # free this case's tensors before the next one
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             timings.append(t)
-            print(f"{name} {dt}: GRU {t['median_s']['gru'] * 1e3:.2f} ms, bound {t['gru_bound_s'] * 1e3:.2f} ms "
-                  f"({t['gru_over_bound']:.2f}x), fused AdamW {t['median_s'].get('adamw_fused', float('nan')) * 1e3:.2f} ms, "
-                  f"copy {t['copy_bandwidth_GBps']:.0f} GB/s, transient {t['transient_peak_bytes']}", flush=True)
+            med = t["median_s"]
+            print(
+                f"{name} {dt}: GRU {med['gru'] * 1e3:.2f} ms, "
+                f"bound {t['gru_bound_s'] * 1e3:.2f} ms ({t['gru_over_bound']:.2f}x), "
+                f"fused AdamW {med.get('adamw_fused', float('nan')) * 1e3:.2f} ms, "
+                f"copy {t['copy_bandwidth_GBps']:.0f} GB/s, "
+                f"transient {t['transient_peak_bytes']}",
+                flush=True,
+            )
     res["timings"] = timings
     ref_size = "tiny" if sizes == ["tiny"] else "100M"
-    res["reference"] = reference_at(C.TINY if ref_size == "tiny" else SIZES["100M"], device, 1 if args.quick else 3)
+    res["reference"] = reference_at(
+        C.TINY if ref_size == "tiny" else SIZES["100M"], device, 1 if args.quick else 3
+    )
     res["elapsed_s"] = time.perf_counter() - t_start
     res["ok"] = all(c["ok"] for c in res["correctness"]) and not any(
         v.startswith("FAILED") for v in res["no_sync"].values()

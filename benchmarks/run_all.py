@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import json
 
         step, memory, e2e = (
-            json.loads((C.RESULTS / f"bench_{n}.json").read_text()) for n in ("step", "memory", "e2e")
+            json.loads((C.RESULTS / f"bench_{n}.json").read_text())
+            for n in ("step", "memory", "e2e")
         )
         s = summary(step, memory, e2e)
         s["quick"] = False
@@ -137,9 +138,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             " (quick mode: tiny models, where per-call overheads dominate; the targets are "
             "stated for ~30M parameters and are shown here only to exercise the code)"
         )
-    C.print_table(title, ["target", "measured", "target", "met"], [
-        [k, v["value"], v["target"], "yes" if v["met"] else "NO"] for k, v in s["checks"].items()
-    ])
+    C.print_table(
+        title,
+        ["target", "measured", "target", "met"],
+        [[k, v["value"], v["target"], "yes" if v["met"] else "NO"] for k, v in s["checks"].items()],
+    )
     print(f"results in {folder}")
     return s
 

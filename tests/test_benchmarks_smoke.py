@@ -55,7 +55,9 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
         assert len(data["methods"][m]["samples_s"]) == 1
     # the GRU vs reference comparison is computed, and the projection ran
     assert _finite_positive(data["ratios"]["reference_over_gru"])
-    assert data["ratios"]["gru_over_reference"] == pytest.approx(1 / data["ratios"]["reference_over_gru"])
+    assert data["ratios"]["gru_over_reference"] == pytest.approx(
+        1 / data["ratios"]["reference_over_gru"]
+    )
     assert data["conflict_every_step"] == {"gru": True, "gru_core": True, "reference": True}
     b = data["bandwidth"]
     assert b["gru_min_bytes"] == 32 * C.TINY.numel
@@ -108,7 +110,12 @@ def test_bench_scaling_quick_writes_plot(tmp_path):
     data = json.loads((tmp_path / "bench_scaling.json").read_text())
     assert "reference_over_gru" in data["cases"][0]["ratios"]
     g = bench_scaling.growth(
-        {"cases": [{"shape": {"numel": n}, "methods": {"x": {"median_s": 2e-9 * n}}} for n in (1e6, 1e7)]}
+        {
+            "cases": [
+                {"shape": {"numel": n}, "methods": {"x": {"median_s": 2e-9 * n}}}
+                for n in (1e6, 1e7)
+            ]
+        }
     )
     assert g["x"] == pytest.approx(1.0)
 
@@ -137,7 +144,9 @@ def test_memory_accounting():
 
 def test_e2e_quick_runs_both_steps():
     res = bench_e2e.run(
-        {"vocab": 64, "d": 16, "layers": 1, "heads": 2, "batch": 2, "seq": 8}, repeats=1, verbose=False
+        {"vocab": 64, "d": 16, "layers": 1, "heads": 2, "batch": 2, "seq": 8},
+        repeats=1,
+        verbose=False,
     )
     assert set(res["methods"]) == {"graddiff", "gru"}
     assert _finite_positive(res["ratio_gru_over_graddiff"])
