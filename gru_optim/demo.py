@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None,
                         help="a folder in TOFU's file layout to use instead of the generated corpus")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the table, plot and README of --out from its summary.json")
     args = parser.parse_args(argv)
     try:
         from .study import PRESETS, run_study
@@ -40,9 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     out = Path(args.out or f"results/{cfg.name}")
+    if args.report_only:
+        from .study._report import report_from_dir
+
+        paths = report_from_dir(out)
+        print(paths["table"].read_text())
+        print(f"Plot: {paths['plot']}")
+        return 0
     print(f"GRU unlearning study, preset '{cfg.name}': {len(cfg.methods)} methods x "
           f"{{plain, GRU}} x {len(cfg.lrs)} lr x {len(cfg.seeds)} seed(s), {cfg.steps} steps")
-    records = run_study(cfg, out_dir=out, cache_dir=args.cache_dir)
+    command = "python -m gru_optim.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    records = run_study(cfg, out_dir=out, cache_dir=args.cache_dir, command=command.strip())
     print()
     print(markdown_table(records))
     print()

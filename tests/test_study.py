@@ -26,6 +26,7 @@ from gru_optim.study import (
     mia_auc,
     min_k,
     privleak,
+    report_from_dir,
     run_study,
     train_tokenizer,
     truth_ratio,
@@ -199,6 +200,18 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     for name in ("summary.csv", "table.md", "tradeoff.png", "meta.json"):
         assert (out / name).stat().st_size > 0
     assert "Pareto" in (out / "table.md").read_text()
-    # the second run reuses the cached target and oracles and gives the same records
-    again = run_study(cfg, out_dir=None, cache_dir=tmp_path / "cache", log=lambda s: None)
-    assert [r["forget_prob"] for r in again] == pytest.approx([r["forget_prob"] for r in records])
+    # a second study reuses the cached target and oracles: same reference records
+    logs: list[str] = []
+    again = run_study(replace(cfg, methods=()), out_dir=None, cache_dir=tmp_path / "cache",
+                      log=logs.append)
+    assert logs and all("cached" in line for line in logs)
+    assert [r["method"] for r in again] == ["target", "oracle", "oracle"]
+    assert [r["forget_prob"] for r in again] == pytest.approx(
+        [r["forget_prob"] for r in records[:3]]
+    )
+    assert "python -m gru_optim.demo" in (out / "README.md").read_text()
+    # the report is rebuilt from summary.json alone
+    table = (out / "table.md").read_text()
+    (out / "table.md").unlink()
+    report_from_dir(out)
+    assert (out / "table.md").read_text() == table

@@ -22,7 +22,14 @@ from ._metrics import (
     truth_ratio,
     truth_score,
 )
-from ._report import hypervolume, markdown_table, pareto_table, verdict, write_report
+from ._report import (
+    hypervolume,
+    markdown_table,
+    pareto_table,
+    report_from_dir,
+    verdict,
+    write_report,
+)
 from ._runner import METHODS, PRESETS, StudyConfig, run_study, unlearn
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "min_k",
     "pareto_table",
     "privleak",
+    "report_from_dir",
     "run_study",
     "train_tokenizer",
     "truth_ratio",

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["hypervolume", "pareto_table", "verdict", "write_report", "markdown_table"]
+__all__ = [
+    "FRONTS",
+    "compare_fronts",
+    "hypervolume", "markdown_table", "pareto_table", "report_from_dir", "verdict", "write_report",
+]
 
 _COLUMNS = (
     "forget_quality", "model_utility", "forget_prob", "retain_prob", "forget_rouge",
@@ -47,28 +51,70 @@ def _target(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return next(r for r in records if r["method"] == "target")
 
 
+def _fp_score(fp: float, fp_target: float, fp_oracle: float) -> float:
+    """Forget probability mapped to ``[0, 1]``: 0 at the target's, 1 at the oracle's (and
+    below: forgetting more than the oracle earns nothing)."""
+    span = fp_target - fp_oracle
+    if span <= 0:
+        return 0.0
+    return float(np.clip((fp_target - fp) / span, 0.0, 1.0))
+
+
+FRONTS = ("fq", "fp")
+"""The two Pareto planes: forget-quality score and forget-probability score, each against
+model utility relative to the target's."""
+
+
 def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method and GRU flag: the hypervolume of the Pareto front over every learning
-    rate and checkpoint of one seed, in the plane (model utility / the target's, forget
-    quality score), mean and standard deviation over seeds. The forget quality score maps
-    ``log10 p`` linearly from the target's (0) to ``p = 1`` (1)."""
+    rate and checkpoint of one seed, mean and standard deviation over seeds, in two planes
+    with model utility relative to the target's as x: ``hv_fq`` with the forget quality
+    score (``log10 p`` mapped linearly from the target's, 0, to ``p = 1``, 1) and ``hv_fp``
+    with the forget probability score (the target's 0, the reference oracle's 1)."""
     t = _target(records)
-    pts: dict[tuple[str, bool, int], list[tuple[float, float]]] = defaultdict(list)
+    oracle = next((r for r in records if r["method"] == "oracle" and r["seed"] == 0), None)
+    fp_oracle = oracle["forget_prob"] if oracle is not None else 0.0
+    pts: dict[tuple[str, bool, int], dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: {f: [] for f in FRONTS}
+    )
     for r in _runs(records):
         x = r["model_utility"] / t["model_utility"] if t["model_utility"] > 0 else 0.0
-        pts[(r["method"], r["gru"], r["seed"])].append(
-            (x, _fq_score(r["forget_quality"], t["forget_quality"]))
-        )
-    by: dict[tuple[str, bool], list[float]] = defaultdict(list)
+        p = pts[(r["method"], r["gru"], r["seed"])]
+        p["fq"].append((x, _fq_score(r["forget_quality"], t["forget_quality"])))
+        p["fp"].append((x, _fp_score(r["forget_prob"], t["forget_prob"], fp_oracle)))
+    by: dict[tuple[str, bool], dict[str, list[float]]] = defaultdict(lambda: {f: [] for f in FRONTS})
     for (m, g, _), p in pts.items():
-        by[(m, g)].append(hypervolume(p))
+        for f in FRONTS:
+            by[(m, g)][f].append(hypervolume(p[f]))
     out = []
     for (m, g), hv in by.items():
-        out.append({"method": m, "gru": g, "hv_mean": float(np.mean(hv)),
-                    "hv_std": float(np.std(hv, ddof=1)) if len(hv) > 1 else 0.0,
-                    "n_seeds": len(hv)})
+        row: dict[str, Any] = {"method": m, "gru": g, "n_seeds": len(hv["fq"])}
+        for f in FRONTS:
+            row[f"hv_{f}_mean"] = float(np.mean(hv[f]))
+            row[f"hv_{f}_std"] = float(np.std(hv[f], ddof=1)) if len(hv[f]) > 1 else 0.0
+        out.append(row)
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))}
     return sorted(out, key=lambda r: (order[r["method"]], r["gru"]))
+
+
+def compare_fronts(records: Sequence[dict[str, Any]], tol: float = 0.02) -> dict[str, dict[str, str]]:
+    """Per method and front: ``"better"``, ``"worse"`` or ``"tie"`` for GRU against plain.
+    A difference of mean hypervolumes counts when it exceeds twice its standard error over
+    seeds and ``tol``."""
+    by = {(r["method"], r["gru"]): r for r in pareto_table(records)}
+    out: dict[str, dict[str, str]] = {}
+    for m in dict.fromkeys(k[0] for k in by):
+        p, g = by.get((m, False)), by.get((m, True))
+        if p is None or g is None:
+            continue
+        out[m] = {}
+        n = min(p["n_seeds"], g["n_seeds"])
+        for f in FRONTS:
+            diff = g[f"hv_{f}_mean"] - p[f"hv_{f}_mean"]
+            se = math.hypot(p[f"hv_{f}_std"], g[f"hv_{f}_std"]) / math.sqrt(n)
+            thr = max(tol, 2 * se)
+            out[m][f] = "better" if diff > thr else "worse" if diff < -thr else "tie"
+    return out
 
 
 def _agg(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
@@ -127,57 +173,71 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     out = "\n".join(lines)
     pt = pareto_table(records)
     if pt:
+        cmp = compare_fronts(records)
         out += (
-            "\n\nPareto front hypervolume over all learning rates and checkpoints "
-            "(model utility / target's × forget-quality score; higher is better; "
-            "mean ± std over seeds):\n\n| method | plain | GRU | GRU − plain |\n|---|---|---|---|\n"
+            "\n\nPareto front hypervolume over all learning rates and checkpoints, per seed "
+            "(x: model utility / target's; y: forget-quality score, FQ, or forget-probability "
+            "score, FP; higher is better; mean ± std over seeds):\n\n"
+            "| method | FQ plain | FQ GRU | FQ GRU − plain | FP plain | FP GRU | FP GRU − plain |\n"
+            "|---|---|---|---|---|---|---|\n"
         )
         by = {(r["method"], r["gru"]): r for r in pt}
         for m in dict.fromkeys(r["method"] for r in pt):
             p, g = by.get((m, False)), by.get((m, True))
             if p is None or g is None:
                 continue
-            out += (
-                f"| {m} | {_fmt(p['hv_mean'], p['hv_std'], p['n_seeds'], '')} | "
-                f"{_fmt(g['hv_mean'], g['hv_std'], g['n_seeds'], '')} | "
-                f"{g['hv_mean'] - p['hv_mean']:+.3f} |\n"
-            )
+            cells = [m]
+            for f in FRONTS:
+                cells += [
+                    _fmt(p[f"hv_{f}_mean"], p[f"hv_{f}_std"], p["n_seeds"], ""),
+                    _fmt(g[f"hv_{f}_mean"], g[f"hv_{f}_std"], g["n_seeds"], ""),
+                    f"{g[f'hv_{f}_mean'] - p[f'hv_{f}_mean']:+.3f} ({cmp[m][f]})",
+                ]
+            out += "| " + " | ".join(cells) + " |\n"
     return out
 
 
 def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
-    """One sentence on what the numbers show: per method, whether GRU's Pareto front is
-    above plain's beyond the seed spread (or ``tol`` with one seed), and whether at the
-    final checkpoint GRU only keeps more utility by forgetting less."""
-    pt = pareto_table(records)
-    by = {(r["method"], r["gru"]): r for r in pt}
-    better, worse, tie, trade = [], [], [], []
-    for m in dict.fromkeys(r["method"] for r in pt):
-        p, g = by.get((m, False)), by.get((m, True))
-        if p is None or g is None:
-            continue
-        diff = g["hv_mean"] - p["hv_mean"]
-        n = min(p["n_seeds"], g["n_seeds"])
-        spread = max(tol, 2 * math.hypot(p["hv_std"], g["hv_std"]) / math.sqrt(n)) if n > 1 else tol
-        (better if diff > spread else worse if diff < -spread else tie).append(m)
-    for r in _group_final(records):
-        m, pr, gr = r
-        if gr["model_utility"] > pr["model_utility"] and gr["forget_prob"] > pr["forget_prob"]:
-            trade.append(m)
-    trade = list(dict.fromkeys(trade))
-
-    def names(xs: list[str]) -> str:
-        return ", ".join(xs) if xs else "none"
-
+    """One sentence on what the numbers show, decided by the Pareto fronts
+    (:func:`compare_fronts`): per method, whether GRU moves the trade-off between
+    forgetting and model utility, and whether at equal steps it merely forgets less."""
+    cmp = compare_fronts(records, tol)
+    both = [m for m, c in cmp.items() if all(v == "better" for v in c.values())]
+    one = [m for m, c in cmp.items()
+           if "better" in c.values() and "worse" not in c.values() and m not in both]
+    worse = [m for m, c in cmp.items() if "worse" in c.values() and "better" not in c.values()]
+    mixed = [m for m, c in cmp.items() if "worse" in c.values() and "better" in c.values()]
+    tie = [m for m, c in cmp.items() if all(v == "tie" for v in c.values())]
+    slower = list(dict.fromkeys(
+        m for m, pr, gr in _group_final(records)
+        if gr["model_utility"] > pr["model_utility"] and gr["forget_prob"] > pr["forget_prob"]
+    ))
+    parts = []
+    if both:
+        parts.append(f"GRU improves the trade-off on both fronts for {', '.join(both)}")
+    if one:
+        parts.append(f"on one of the two fronts (the other within the seed spread) for {', '.join(one)}")
+    if tie:
+        parts.append(f"not beyond the seed spread for {', '.join(tie)}")
+    if mixed:
+        parts.append(f"better on one front and worse on the other for {', '.join(mixed)}")
+    if worse:
+        parts.append(f"worsens it for {', '.join(worse)}")
     s = (
-        f"On the Pareto fronts of forget quality against model utility, GRU is above plain "
-        f"unlearning for {names(better)}, within the seed spread for {names(tie)} and below "
-        f"for {names(worse)}"
+        "Judged by the Pareto fronts of forgetting (forget quality, forget probability) "
+        "against model utility over all learning rates and checkpoints, " + "; ".join(parts)
     )
-    if trade:
+    only_trade = [m for m in slower if m in tie or m in worse]
+    also_slower = [m for m in slower if m not in only_trade]
+    if only_trade:
         s += (
-            f"; at the last checkpoint GRU keeps more utility but also more of the forget set "
-            f"for {names(trade)}, i.e. there it trades forgetting for utility"
+            f"; for {', '.join(only_trade)} GRU's higher utility at equal steps only comes "
+            "from forgetting less, a trade rather than a gain"
+        )
+    if also_slower:
+        s += (
+            f"; at equal steps GRU also forgets more slowly for {', '.join(also_slower)}, so "
+            "compare it at equal forgetting (the plot), not at equal steps"
         )
     return s + "."
 
@@ -234,11 +294,11 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                     ax.errorbar(
                         xs, ys, xerr=xe, yerr=ye, color=colors[g], marker=markers[li % 5],
                         ms=4, lw=1, alpha=0.5 + 0.5 * (li + 1) / len(lrs), capsize=2,
-                        label=f"{'GRU' if g else 'plain'} lr={lr:g}" if j == 0 else None,
+                        label=f"{'GRU' if g else 'plain'} lr={lr:g}" if i == j == 0 else None,
                     )
             ty = math.log10(max(t[key], 1e-300)) if key == "forget_quality" else t[key]
             ax.scatter([t["model_utility"]], [ty], marker="*", s=120, c="k", zorder=5,
-                       label="target" if j == 0 else None)
+                       label="target" if i == j == 0 else None)
             if oracles:
                 ox = [o["model_utility"] for o in oracles]
                 oy = [
@@ -246,7 +306,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                     for o in oracles
                 ]
                 ax.scatter(ox, oy, marker="P", s=50, c="tab:green", zorder=5,
-                           label="oracles (retain only)" if j == 0 else None)
+                           label="oracles (retain only)" if i == j == 0 else None)
                 noise = [y for o, y in zip(oracles, oy) if o["seed"] != 0]
                 if noise:
                     ax.axhspan(min(noise), max(noise), color="tab:green", alpha=0.12)
@@ -286,10 +346,31 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[st
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(records)
-    paths["table"].write_text(
-        f"# Unlearning study, preset `{meta.get('preset', '?')}`\n\n"
-        + markdown_table(records) + "\n\n" + verdict(records) + "\n"
-    )
+    paths["table"].write_text(markdown_table(records) + "\n\n" + verdict(records) + "\n")
     plot_tradeoff(records, paths["plot"])
     paths["meta"].write_text(json.dumps(meta, indent=1))
+    cfg = meta.get("config", {})
+    runs = _runs(records)
+    lines = [
+        f"Preset `{meta.get('preset', '?')}`, made by `{meta.get('command', 'python -m gru_optim.demo')}`"
+        f" in {meta.get('wall_seconds', float('nan')):.0f} s wall time"
+        f" (torch {meta.get('torch', '?')}, {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s)).",
+        f"{len({(r['method'], r['gru'], r['lr'], r['seed']) for r in runs})} unlearning runs"
+        f" ({len(cfg.get('methods', []))} methods × plain/GRU × {len(cfg.get('lrs', []))} learning"
+        f" rates × {len(cfg.get('seeds', []))} seeds, {cfg.get('steps', '?')} steps each),"
+        f" {sum(1 for r in records if r['method'] == 'oracle')} oracles;"
+        f" forget split `{cfg.get('split', '?')}` of {cfg.get('corpus', {}).get('n_authors', '?')} authors.",
+    ]
+    paths["readme"] = out_dir / "README.md"
+    paths["readme"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def report_from_dir(out_dir: str | Path) -> dict[str, Path]:
+    """Rewrite every output of :func:`write_report` from the ``summary.json`` and
+    ``meta.json`` already in ``out_dir``."""
+    out_dir = Path(out_dir)
+    records = json.loads((out_dir / "summary.json").read_text())
+    records = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
+    meta = json.loads((out_dir / "meta.json").read_text())
+    return write_report(records, out_dir, meta)

@@ -201,6 +201,7 @@ def run_study(
     out_dir: str | Path | None = None,
     cache_dir: str | Path | None = "results/cache",
     log: Callable[[str], None] = print,
+    command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the study of ``cfg``: returns the records (one per run and checkpoint, plus the
     target and the oracles) and, when ``out_dir`` is given, writes there
@@ -287,6 +288,8 @@ def run_study(
             "preset": cfg.name,
             "config": json.loads(json.dumps(asdict(cfg), default=str)),
             "wall_seconds": wall,
+            "command": command or f"python -m gru_optim.demo --preset {cfg.name}",
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
         }
