@@ -25,6 +25,7 @@ __all__ = [
     "expand_segments",
     "project_",
     "rectify_",
+    "segment_dots",
     "segment_sum",
     "tensor_dots",
     "tensor_sq_norms",
@@ -216,6 +217,40 @@ def project_(
         t.addcmul_(m, c[i], value=-1)
 
 
+def segment_dots(
+    tensors: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    segments: Sequence[int] | None,
+    *,
+    dot_offsets: Tensor | None = None,
+    extra: Tensor | None = None,
+    all_reduce: Callable[[Tensor], None] | None = None,
+    foreach: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per segment, ``<tensors, ema>`` (less the per-tensor ``dot_offsets``) and
+    ``||ema||^2``, as two 1-D tensors (segments as in :func:`segment_sum`).
+
+    With ``all_reduce`` the partial sums of every process are added with one collective
+    on one packed tensor, which also carries ``extra`` (any 1-D tensor of values to sum
+    across processes, returned as the third element; ``None`` when not given).
+    """
+    dots = tensor_dots(tensors, ema)
+    if dot_offsets is not None:
+        dots = dots - dot_offsets.to(dots)
+    sq = tensor_sq_norms(ema, foreach=foreach).to(dots.dtype)
+    seg_dot = segment_sum(dots, segments)
+    seg_sq = segment_sum(sq, segments)
+    if all_reduce is not None:
+        k = seg_dot.shape[0]
+        parts = [seg_dot, seg_sq] + ([extra.to(seg_dot)] if extra is not None else [])
+        packed = torch.cat(parts)
+        all_reduce(packed)
+        seg_dot, seg_sq = packed[:k], packed[k : 2 * k]
+        if extra is not None:
+            extra = packed[2 * k :]
+    return seg_dot, seg_sq, extra
+
+
 class RectifyResult(NamedTuple):
     """Per-segment quantities of one rectification (1-D tensors, one entry per segment)."""
 
@@ -255,16 +290,9 @@ def rectify_(
     if n == 0:
         z = torch.zeros(0)
         return RectifyResult(z, z, z)
-    dots = tensor_dots(grads, ema)
-    if dot_offsets is not None:
-        dots = dots - dot_offsets.to(dots)
-    sq = tensor_sq_norms(ema, foreach=foreach).to(dots.dtype)
-    seg_dot = segment_sum(dots, segments)
-    seg_sq = segment_sum(sq, segments)
-    if all_reduce is not None:
-        packed = torch.cat([seg_dot, seg_sq])
-        all_reduce(packed)
-        seg_dot, seg_sq = packed.chunk(2)
+    seg_dot, seg_sq, _ = segment_dots(
+        grads, ema, segments, dot_offsets=dot_offsets, all_reduce=all_reduce, foreach=foreach
+    )
     coef = conflict_coefficients(seg_dot, seg_sq)
     project_(grads, ema, expand_segments(coef, segments, n), foreach=foreach)
     return RectifyResult(seg_dot, seg_sq, coef)

@@ -16,7 +16,7 @@ from ._functional import (
     ema_update_,
     expand_segments,
     project_,
-    segment_sum,
+    segment_dots,
     tensor_dots,
     tensor_sq_norms,
 )
@@ -29,21 +29,6 @@ EMA_KEY = "gru_ema"
 Closure = Callable[[], Any]
 Granularity = Literal["global", "tensor", "group"]
 Space = Literal["gradient", "update"]
-
-_STAT_KEYS = (
-    "forget_loss",
-    "retain_loss",
-    "dot",
-    "cosine",
-    "conflict",
-    "conflict_fraction",
-    "coef",
-    "forget_grad_norm",
-    "retain_grad_norm",
-    "ema_norm",
-    "skipped",
-)
-
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor, the tensor itself otherwise (shares storage)."""
@@ -623,19 +608,27 @@ class GRUOptimizer(Optimizer):
 
             g_sq = tensor_sq_norms(grads_all, foreach=self.foreach)
             g_sq_total = g_sq.sum() if g_sq.numel() else torch.zeros(())
-            dots = tensor_dots(grads, emas)
-            if pending.offsets:
-                offsets = torch.stack([pending.offsets[p] for p in paired]) if paired else None
-                if offsets is not None:
-                    dots = dots - offsets.to(dots)
-            m_sq = tensor_sq_norms(emas, foreach=self.foreach).to(dots.dtype)
-            seg_dot = segment_sum(dots, segments) if paired else dots.new_zeros(1)
-            seg_sq = segment_sum(m_sq, segments) if paired else dots.new_zeros(1)
-            if reduce is not None:
-                packed = torch.cat([seg_dot, seg_sq, g_sq_total.reshape(1).to(seg_dot)])
-                reduce(packed)
-                k = seg_dot.shape[0]
-                seg_dot, seg_sq, g_sq_total = packed[:k], packed[k : 2 * k], packed[2 * k]
+            if paired:
+                offsets = None
+                if pending.offsets:
+                    offsets = torch.stack([pending.offsets[p] for p in paired])
+                seg_dot, seg_sq, reduced = segment_dots(
+                    grads,
+                    emas,
+                    segments,
+                    dot_offsets=offsets,
+                    extra=g_sq_total.reshape(1),
+                    all_reduce=reduce,
+                    foreach=self.foreach,
+                )
+                if reduced is not None and reduce is not None:
+                    g_sq_total = reduced[0]
+            else:
+                seg_dot = seg_sq = g_sq_total.new_zeros(1)
+                if reduce is not None:
+                    g_sq_total = g_sq_total.reshape(1).clone()
+                    reduce(g_sq_total)
+                    g_sq_total = g_sq_total[0]
             nonfinite = pending.nonfinite or (
                 self._checks_nonfinite() and self._nonfinite(g_sq_total)
             )
@@ -674,14 +667,9 @@ class GRUOptimizer(Optimizer):
         # prev <- theta_new - theta_old, the update the inner optimizer made.
         torch._foreach_sub_(prev, params)
         torch._foreach_neg_(prev)
-        dots = tensor_dots(prev, emas)
-        m_sq = tensor_sq_norms(emas, foreach=self.foreach).to(dots.dtype)
-        seg_dot = segment_sum(dots, segments)
-        seg_sq = segment_sum(m_sq, segments)
-        if reduce is not None:
-            packed = torch.cat([seg_dot, seg_sq])
-            reduce(packed)
-            seg_dot, seg_sq = packed.chunk(2)
+        seg_dot, seg_sq, _ = segment_dots(
+            prev, emas, segments, all_reduce=reduce, foreach=self.foreach
+        )
         # The update must not ascend the retain loss along m: <delta, m> <= 0, i.e. the
         # gradient-space rule applied to -delta.
         coef = conflict_coefficients(-seg_dot, seg_sq)
