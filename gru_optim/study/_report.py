@@ -317,8 +317,13 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
             if i == len(rows) - 1:
                 ax.set_xlabel("model utility")
             ax.grid(alpha=0.3)
+    fig.suptitle(
+        "Each line: one learning rate's checkpoints (mean ± std over seeds) from the target (star); "
+        "better is up-right (top) and down-right (bottom); green: retain-only oracles and their spread",
+        fontsize=9,
+    )
     fig.legend(loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
