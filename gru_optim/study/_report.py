@@ -214,18 +214,19 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
     ))
     parts = []
     if both:
-        parts.append(f"GRU improves the trade-off on both fronts for {', '.join(both)}")
+        parts.append(f"on both fronts for {', '.join(both)}")
     if one:
-        parts.append(f"on one of the two fronts (the other within the seed spread) for {', '.join(one)}")
-    if tie:
-        parts.append(f"not beyond the seed spread for {', '.join(tie)}")
+        parts.append(f"on one front only (the other within the seed spread) for {', '.join(one)}")
     if mixed:
-        parts.append(f"better on one front and worse on the other for {', '.join(mixed)}")
+        parts.append(f"on one front while worsening the other for {', '.join(mixed)}")
+    if tie:
+        parts.append(f"on neither beyond the seed spread for {', '.join(tie)}")
     if worse:
-        parts.append(f"worsens it for {', '.join(worse)}")
+        parts.append(f"on neither, and worsens it, for {', '.join(worse)}")
     s = (
         "Judged by the Pareto fronts of forgetting (forget quality, forget probability) "
-        "against model utility over all learning rates and checkpoints, " + "; ".join(parts)
+        "against model utility over all learning rates and checkpoints, GRU improves the "
+        "trade-off " + "; ".join(parts)
     )
     only_trade = [m for m in slower if m in tie or m in worse]
     also_slower = [m for m in slower if m not in only_trade]
@@ -359,7 +360,15 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[st
     lines = [
         f"Preset `{meta.get('preset', '?')}`, made by `{meta.get('command', 'python -m gru_optim.demo')}`"
         f" in {meta.get('wall_seconds', float('nan')):.0f} s wall time"
-        f" (torch {meta.get('torch', '?')}, {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s)).",
+        f" (torch {meta.get('torch', '?')}, {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s))"
+        + (
+            f"; the target and the oracles came from the cache (training them took"
+            f" {meta['train_seconds']:.0f} s more)."
+            if meta.get("models_cached") and "train_seconds" in meta
+            else f"; training the target and the oracles took {meta['train_seconds']:.0f} s of it."
+            if "train_seconds" in meta
+            else "."
+        ),
         f"{len({(r['method'], r['gru'], r['lr'], r['seed']) for r in runs})} unlearning runs"
         f" ({len(cfg.get('methods', []))} methods × plain/GRU × {len(cfg.get('lrs', []))} learning"
         f" rates × {len(cfg.get('seeds', []))} seeds, {cfg.get('steps', '?')} steps each),"

@@ -227,12 +227,14 @@ def run_study(
         "target", data.retain + data.forget + data.world, tok, model_cfg, cfg.train, 0, cache, key
     )
     log(f"target: {'cached' if tinfo['cached'] else 'trained in %.0f s' % tinfo['seconds']}")
+    infos = [tinfo]
     oracles = []
     for j in range(cfg.n_oracles):
         m, info = load_or_train(
             "oracle", data.retain + data.world, tok, model_cfg, cfg.train, 1000 + j, cache, key
         )
         oracles.append(m)
+        infos.append(info)
         log(f"oracle {j}: {'cached' if info['cached'] else 'trained in %.0f s' % info['seconds']}")
     answer_lens = [
         len(tok.encode(" " + r["answer"]).ids) for r in data.forget_eval + data.retain_eval
@@ -290,6 +292,8 @@ def run_study(
             "wall_seconds": wall,
             "command": command or f"python -m gru_optim.demo --preset {cfg.name}",
             "threads": torch.get_num_threads(),
+            "models_cached": all(i["cached"] for i in infos),
+            "train_seconds": sum(float(i.get("seconds", 0.0)) for i in infos),
             "torch": torch.__version__,
             "python": platform.python_version(),
         }
