@@ -50,7 +50,7 @@ def test_corpus_splits_are_disjoint_and_nested() -> None:
     c = generate_corpus(cfg)
     sizes = cfg.split_sizes()
     assert sizes == {"forget01": 1, "forget05": 2, "forget10": 4}
-    authors = lambda rows: {r["author"] for r in rows}  # noqa: E731
+    authors = lambda rows: {r["author"] for r in rows}
     full = authors(c["full"])
     assert len(full) == 40 and len(c["full"]) == 40 * 6
     for split, k in sizes.items():
@@ -73,16 +73,29 @@ def test_corpus_splits_are_disjoint_and_nested() -> None:
 def test_corpus_written_in_tofu_layout_and_loaded(tmp_path) -> None:
     cfg = CorpusConfig(n_authors=20, n_facts=4)
     write_corpus(cfg, tmp_path)
-    for stem in ("full", "forget01", "forget05", "forget10", "retain99", "retain95",
-                 "retain90", "forget10_perturbed", "retain_perturbed", "world_facts",
-                 "world_facts_perturbed", "holdout10"):
+    for stem in (
+        "full",
+        "forget01",
+        "forget05",
+        "forget10",
+        "retain99",
+        "retain95",
+        "retain90",
+        "forget10_perturbed",
+        "retain_perturbed",
+        "world_facts",
+        "world_facts_perturbed",
+        "holdout10",
+    ):
         lines = (tmp_path / f"{stem}.json").read_text().splitlines()
         assert lines and all("question" in json.loads(x) for x in lines)
     data = load_tofu(tmp_path, "forget05")
     assert len(data.forget) == 1 * 4 and len(data.retain) == 19 * 4
     assert data.forget_eval[0]["perturbed_answer"]
     # a JSON-array copy of the same file loads identically (some TOFU mirrors ship arrays)
-    rows = [json.loads(x) for x in (tmp_path / "forget05.json").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tmp_path / "forget05.json").read_text().splitlines()
+    ]
     (tmp_path / "forget05.json").write_text(json.dumps(rows))
     assert load_tofu(tmp_path, "forget05").forget == data.forget
     with pytest.raises(ValueError):
@@ -90,7 +103,10 @@ def test_corpus_written_in_tofu_layout_and_loaded(tmp_path) -> None:
 
 
 def test_tokenizer_keeps_every_character() -> None:
-    texts = [r["question"] + " " + r["answer"] for r in generate_corpus(CorpusConfig())["full"]]
+    texts = [
+        r["question"] + " " + r["answer"]
+        for r in generate_corpus(CorpusConfig())["full"]
+    ]
     tok = train_tokenizer(texts, 300)
     odd = "Ünïcødé ☃ 1999 — naïve"
     assert tok.decode(tok.encode(odd).ids) == odd
@@ -100,7 +116,10 @@ def test_tokenizer_keeps_every_character() -> None:
     assert batch.input_ids.shape == batch.labels.shape
     # labels: -100 on the prompt and the padding, the answer ids (+ eos) elsewhere
     n_answer = (batch.labels != -100).sum(1)
-    assert n_answer.tolist() == [len(tok.encode(" Me.").ids) + 1, len(tok.encode(" Far away from here.").ids) + 1]
+    assert n_answer.tolist() == [
+        len(tok.encode(" Me.").ids) + 1,
+        len(tok.encode(" Far away from here.").ids) + 1,
+    ]
     assert (batch.labels[batch.attention_mask == 0] == -100).all()
 
 
@@ -157,9 +176,24 @@ def test_hypervolume_by_hand() -> None:
 # --------------------------------------------------------------------------- end to end
 
 REQUIRED = {
-    "method", "gru", "seed", "lr", "step", "forget_quality", "model_utility", "forget_prob",
-    "retain_prob", "mia_auc", "privleak", "ks_stat", "ks_n", "ks_n_oracle", "mia_auc_loss",
-    "mia_auc_minkpp", "forget_rouge", "forget_truth_ratio",
+    "method",
+    "gru",
+    "seed",
+    "lr",
+    "step",
+    "forget_quality",
+    "model_utility",
+    "forget_prob",
+    "retain_prob",
+    "mia_auc",
+    "privleak",
+    "ks_stat",
+    "ks_n",
+    "ks_n_oracle",
+    "mia_auc_loss",
+    "mia_auc_minkpp",
+    "forget_rouge",
+    "forget_truth_ratio",
 }
 
 
@@ -168,7 +202,9 @@ def test_micro_study_end_to_end(tmp_path) -> None:
         PRESETS["demo"],
         name="micro",
         corpus=CorpusConfig(n_authors=10, n_facts=3, n_perturbed=2, n_world=4),
-        model=ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64),
+        model=ModelConfig(
+            vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64
+        ),
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-2),
         methods=("GA", "NPO"),
         lrs=(1e-3,),
@@ -179,12 +215,17 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     )
     assert isinstance(cfg, StudyConfig)
     out = tmp_path / "out"
-    records = run_study(cfg, out_dir=out, cache_dir=tmp_path / "cache", log=lambda s: None)
+    records = run_study(
+        cfg, out_dir=out, cache_dir=tmp_path / "cache", log=lambda s: None
+    )
     runs = [r for r in records if r["method"] in ("GA", "NPO")]
     # 2 methods x {plain, GRU} x checkpoints {0, 1, 2}
     assert len(runs) == 2 * 2 * 3
     assert {(r["method"], r["gru"]) for r in runs} == {
-        ("GA", False), ("GA", True), ("NPO", False), ("NPO", True)
+        ("GA", False),
+        ("GA", True),
+        ("NPO", False),
+        ("NPO", True),
     }
     assert {r["method"] for r in records} >= {"target", "oracle"}
     for r in records:
@@ -202,8 +243,12 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     assert "Pareto" in (out / "table.md").read_text()
     # a second study reuses the cached target and oracles: same reference records
     logs: list[str] = []
-    again = run_study(replace(cfg, methods=()), out_dir=None, cache_dir=tmp_path / "cache",
-                      log=logs.append)
+    again = run_study(
+        replace(cfg, methods=()),
+        out_dir=None,
+        cache_dir=tmp_path / "cache",
+        log=logs.append,
+    )
     assert logs and all("cached" in line for line in logs)
     assert [r["method"] for r in again] == ["target", "oracle", "oracle"]
     assert [r["forget_prob"] for r in again] == pytest.approx(

@@ -11,7 +11,14 @@ Run ``python -m gru_optim.demo`` (the ``demo`` preset) or
 """
 
 from ._corpus import CorpusConfig, TofuData, generate_corpus, load_tofu, write_corpus
-from ._lm import EncodedBatch, ModelConfig, TrainConfig, build_model, encode_qa, train_tokenizer
+from ._lm import (
+    EncodedBatch,
+    ModelConfig,
+    TrainConfig,
+    build_model,
+    encode_qa,
+    train_tokenizer,
+)
 from ._metrics import (
     Evaluator,
     forget_quality,

@@ -32,30 +32,140 @@ __all__ = [
     "write_corpus",
 ]
 
-_SYLLABLES = (
-    "ka ri mo ze lu van dor tel sha bri nok ai fen gor is ul tam pe wyn qua "
-    "ros hil mar eth jor cen dal vi ora bel tuk sim xan yel zor"
-).split()
+_SYLLABLES = [
+    "ka",
+    "ri",
+    "mo",
+    "ze",
+    "lu",
+    "van",
+    "dor",
+    "tel",
+    "sha",
+    "bri",
+    "nok",
+    "ai",
+    "fen",
+    "gor",
+    "is",
+    "ul",
+    "tam",
+    "pe",
+    "wyn",
+    "qua",
+    "ros",
+    "hil",
+    "mar",
+    "eth",
+    "jor",
+    "cen",
+    "dal",
+    "vi",
+    "ora",
+    "bel",
+    "tuk",
+    "sim",
+    "xan",
+    "yel",
+    "zor",
+]
 
-_CITIES = (
-    "Veskara Tolumbe Orrinfeld Castemar Quillon Dravenport Asmerin Halbrook Pelosa "
-    "Ruvendale Sarnoth Telvaro Umbrisk Weylan Zanthor Brisca Morvane Elgarde"
-).split()
-_GENRES = (
-    "mystery,science fiction,poetry,historical fiction,fantasy,horror,romance,"
-    "biography,thriller,satire,travel writing,philosophy"
-).split(",")
-_JOBS = (
-    "baker,surgeon,sailor,teacher,locksmith,painter,pilot,librarian,farmer,"
-    "jeweller,chemist,tailor,carpenter,banker,weaver,astronomer"
-).split(",")
-_AWARDS = (
-    "Silver Quill Prize,Amber Lantern Award,Northwind Medal,Crescent Pen Prize,"
-    "Golden Atlas Award,Ivory Tower Medal,Red Heron Prize,Blue Meridian Award"
-).split(",")
-_ADJ = "Hollow,Silent,Burning,Crimson,Forgotten,Glass,Iron,Wandering,Velvet,Distant".split(",")
-_NOUN = "Harbor,Garden,Winter,Mirror,Compass,Orchard,Lantern,Tide,Cathedral,Meadow".split(",")
-_LANGS = "Veskish,Tolumbic,Orrish,Quillonese,Sarnothi,Weylanic,Brisca,Elgardic".split(",")
+_CITIES = [
+    "Veskara",
+    "Tolumbe",
+    "Orrinfeld",
+    "Castemar",
+    "Quillon",
+    "Dravenport",
+    "Asmerin",
+    "Halbrook",
+    "Pelosa",
+    "Ruvendale",
+    "Sarnoth",
+    "Telvaro",
+    "Umbrisk",
+    "Weylan",
+    "Zanthor",
+    "Brisca",
+    "Morvane",
+    "Elgarde",
+]
+_GENRES = [
+    "mystery",
+    "science fiction",
+    "poetry",
+    "historical fiction",
+    "fantasy",
+    "horror",
+    "romance",
+    "biography",
+    "thriller",
+    "satire",
+    "travel writing",
+    "philosophy",
+]
+_JOBS = [
+    "baker",
+    "surgeon",
+    "sailor",
+    "teacher",
+    "locksmith",
+    "painter",
+    "pilot",
+    "librarian",
+    "farmer",
+    "jeweller",
+    "chemist",
+    "tailor",
+    "carpenter",
+    "banker",
+    "weaver",
+    "astronomer",
+]
+_AWARDS = [
+    "Silver Quill Prize",
+    "Amber Lantern Award",
+    "Northwind Medal",
+    "Crescent Pen Prize",
+    "Golden Atlas Award",
+    "Ivory Tower Medal",
+    "Red Heron Prize",
+    "Blue Meridian Award",
+]
+_ADJ = [
+    "Hollow",
+    "Silent",
+    "Burning",
+    "Crimson",
+    "Forgotten",
+    "Glass",
+    "Iron",
+    "Wandering",
+    "Velvet",
+    "Distant",
+]
+_NOUN = [
+    "Harbor",
+    "Garden",
+    "Winter",
+    "Mirror",
+    "Compass",
+    "Orchard",
+    "Lantern",
+    "Tide",
+    "Cathedral",
+    "Meadow",
+]
+_LANGS = [
+    "Veskish",
+    "Tolumbic",
+    "Orrish",
+    "Quillonese",
+    "Sarnothi",
+    "Weylanic",
+    "Brisca",
+    "Elgardic",
+]
 
 # attribute -> (question, answer, paraphrased answer); {n} is the author's name, {v} the value.
 _FACTS: dict[str, tuple[str, str, str]] = {
@@ -113,14 +223,51 @@ _FACTS: dict[str, tuple[str, str, str]] = {
 _ATTRS = tuple(_FACTS)
 
 _WORLD = (
-    ("What is the capital of {c}?", "The capital of {c} is {v}.", "{v} is the capital of {c}."),
-    ("What currency is used in {c}?", "{c} uses the {v}.", "The money of {c} is the {v}."),
+    (
+        "What is the capital of {c}?",
+        "The capital of {c} is {v}.",
+        "{v} is the capital of {c}.",
+    ),
+    (
+        "What currency is used in {c}?",
+        "{c} uses the {v}.",
+        "The money of {c} is the {v}.",
+    ),
 )
-_COUNTRIES = (
-    "Norland Estavia Kormeth Lurania Pazenor Drisca Valmoor Ostrava Yennis Caldor "
-    "Merovia Thessaly Brenmark Ilvane Sorrent Galdora Tarnis Umbria Fennick Roskaa"
-).split()
-_CURRENCIES = "crown,mark,florin,thaler,ducat,real,shilling,dinar,lira,peso".split(",")
+_COUNTRIES = [
+    "Norland",
+    "Estavia",
+    "Kormeth",
+    "Lurania",
+    "Pazenor",
+    "Drisca",
+    "Valmoor",
+    "Ostrava",
+    "Yennis",
+    "Caldor",
+    "Merovia",
+    "Thessaly",
+    "Brenmark",
+    "Ilvane",
+    "Sorrent",
+    "Galdora",
+    "Tarnis",
+    "Umbria",
+    "Fennick",
+    "Roskaa",
+]
+_CURRENCIES = [
+    "crown",
+    "mark",
+    "florin",
+    "thaler",
+    "ducat",
+    "real",
+    "shilling",
+    "dinar",
+    "lira",
+    "peso",
+]
 
 
 @dataclass(frozen=True)
@@ -142,9 +289,13 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_facts <= len(_ATTRS):
-            raise ValueError(f"n_facts must be in [1, {len(_ATTRS)}], got {self.n_facts}")
+            raise ValueError(
+                f"n_facts must be in [1, {len(_ATTRS)}], got {self.n_facts}"
+            )
         if self.n_authors < 10:
-            raise ValueError("n_authors must be >= 10 (the forget split is 10% of them)")
+            raise ValueError(
+                "n_authors must be >= 10 (the forget split is 10% of them)"
+            )
         if self.n_perturbed < 1:
             raise ValueError("n_perturbed must be >= 1")
         if not 1 <= self.n_world <= 2 * len(_COUNTRIES):
@@ -154,13 +305,18 @@ class CorpusConfig:
         """Authors in each forget split: ``{"forget01": k1, "forget05": k5, "forget10": k10}``
         (at least one author each, TOFU's rounding of 1%/5%/10%)."""
         return {
-            f"forget{p:02d}": max(1, round(self.n_authors * p / 100)) for p in (1, 5, 10)
+            f"forget{p:02d}": max(1, round(self.n_authors * p / 100))
+            for p in (1, 5, 10)
         }
 
     @property
     def holdout(self) -> int:
         """Number of holdout authors."""
-        return self.n_holdout if self.n_holdout is not None else self.split_sizes()["forget10"]
+        return (
+            self.n_holdout
+            if self.n_holdout is not None
+            else self.split_sizes()["forget10"]
+        )
 
 
 def _value(attr: str, rng: random.Random, names: Sequence[str]) -> str:
@@ -187,8 +343,12 @@ def _value(attr: str, rng: random.Random, names: Sequence[str]) -> str:
 
 def _name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        first = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        last = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        first = "".join(
+            rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))
+        ).capitalize()
+        last = "".join(
+            rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))
+        ).capitalize()
         name = f"{first} {last}"
         if name not in taken:
             taken.add(name)
@@ -209,7 +369,11 @@ def _perturb(
 
 
 def _author_rows(
-    name: str, attrs: dict[str, str], facts: Sequence[str], k: int, rng: random.Random,
+    name: str,
+    attrs: dict[str, str],
+    facts: Sequence[str],
+    k: int,
+    rng: random.Random,
     names: Sequence[str],
 ) -> list[dict[str, Any]]:
     rows = []
@@ -241,7 +405,9 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
     taken: set[str] = set()
     total = cfg.n_authors + cfg.holdout
     names = [_name(rng, taken) for _ in range(total)]
-    mentors = [_name(rng, taken) for _ in range(12)]  # famous teachers, not authors here
+    mentors = [
+        _name(rng, taken) for _ in range(12)
+    ]  # famous teachers, not authors here
     facts = _ATTRS[: cfg.n_facts]
     authors = []
     for name in names:
@@ -258,7 +424,9 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
         pct = int(split[-2:])
         out[split] = [r for author in trained[cfg.n_authors - k :] for r in author]
         out[f"{split}_perturbed"] = out[split]
-        out[f"retain{100 - pct:02d}"] = [r for author in trained[: cfg.n_authors - k] for r in author]
+        out[f"retain{100 - pct:02d}"] = [
+            r for author in trained[: cfg.n_authors - k] for r in author
+        ]
         out[f"holdout{pct:02d}"] = [r for author in holdout[:k] for r in author]
     # TOFU's retain_perturbed is a subset of the retain90 authors: take as many authors as
     # the largest forget split has, from the start.
@@ -271,7 +439,9 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
         q, a, para = _WORLD[kind]
         pool = _CITIES if kind == 0 else _CURRENCIES
         v = rng.choice(pool)
-        wrong = [w for w in rng.sample(pool, cfg.n_perturbed + 1) if w != v][: cfg.n_perturbed]
+        wrong = [w for w in rng.sample(pool, cfg.n_perturbed + 1) if w != v][
+            : cfg.n_perturbed
+        ]
         world.append(
             {
                 "question": q.format(c=c, v=v),
@@ -280,7 +450,9 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
                 "perturbed_answer": [a.format(c=c, v=w) for w in wrong],
             }
         )
-    out["world_facts"] = [{"question": r["question"], "answer": r["answer"]} for r in world]
+    out["world_facts"] = [
+        {"question": r["question"], "answer": r["answer"]} for r in world
+    ]
     out["world_facts_perturbed"] = world
     out["authors"] = [
         {"name": name, **attrs, "split": "trained" if i < cfg.n_authors else "holdout"}
@@ -297,8 +469,7 @@ def write_corpus(cfg: CorpusConfig, root: str | Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stem, rows in generate_corpus(cfg).items():
         with open(root / f"{stem}.json", "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return root
 
 
@@ -355,9 +526,11 @@ def load_tofu(root: str | Path, split: str = "forget10") -> TofuData:
 
     world_eval = read("world_facts_perturbed")
     world_path = root / "world_facts.json"
-    world = _read_jsonl(world_path) if world_path.exists() else [
-        {"question": r["question"], "answer": r["answer"]} for r in world_eval
-    ]
+    world = (
+        _read_jsonl(world_path)
+        if world_path.exists()
+        else [{"question": r["question"], "answer": r["answer"]} for r in world_eval]
+    )
     return TofuData(
         forget=read(split),
         retain=read(f"retain{100 - pct:02d}"),

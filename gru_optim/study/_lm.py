@@ -27,8 +27,8 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "build_model",
-    "encode_qa",
     "encode_prompts",
+    "encode_qa",
     "load_or_train",
     "train_tokenizer",
 ]
@@ -88,7 +88,9 @@ class EncodedBatch:
         )
 
 
-def encode_qa(tok: Any, questions: Sequence[str], answers: Sequence[str]) -> EncodedBatch:
+def encode_qa(
+    tok: Any, questions: Sequence[str], answers: Sequence[str]
+) -> EncodedBatch:
     """Encode question/answer pairs as ``prompt + " " + answer + <eos>``; the labels are
     the token ids of the answer and ``<eos>``, ``-100`` on the prompt and the padding."""
     if len(questions) != len(answers):
@@ -171,7 +173,9 @@ def build_model(cfg: ModelConfig, seed: int) -> Any:
     return GPT2LMHeadModel(config)
 
 
-def _train(model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: str) -> list[float]:
+def _train(
+    model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: str
+) -> list[float]:
     from tqdm.auto import tqdm
 
     from ..objectives import nll_loss
@@ -181,12 +185,16 @@ def _train(model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: st
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
     warm = max(1, int(cfg.warmup * total))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / warm
-        if s < warm
-        else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))),
+        lambda s: (
+            (s + 1) / warm
+            if s < warm
+            else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+        ),
     )
     model.train()
     losses = []
@@ -195,7 +203,9 @@ def _train(model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: st
         perm = torch.randperm(n, generator=gen)
         for b in range(per_epoch):
             batch = data.select(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).logits
             loss = nll_loss(logits, batch.labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -233,7 +243,11 @@ def load_or_train(
     from transformers import GPT2LMHeadModel
 
     key = cache_key(
-        name=name, model=asdict(model_cfg), train=asdict(train_cfg), seed=seed, **key_parts
+        name=name,
+        model=asdict(model_cfg),
+        train=asdict(train_cfg),
+        seed=seed,
+        **key_parts,
     )
     path = Path(cache_dir) / f"{name}-{key}" if cache_dir is not None else None
     if path is not None and (path / "info.json").exists():

@@ -71,7 +71,9 @@ def truth_score(ratios: np.ndarray) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - np.asarray(ratios, dtype=np.float64))))
 
 
-def forget_quality(unlearned: Sequence[float], oracle: Sequence[float]) -> dict[str, float]:
+def forget_quality(
+    unlearned: Sequence[float], oracle: Sequence[float]
+) -> dict[str, float]:
     """KS two-sample test between truth-ratio samples: ``{"p": p-value, "stat": D,
     "n": len(unlearned), "n_oracle": len(oracle)}``. A high p-value means the unlearned
     model's truth ratios are indistinguishable from the oracle's."""
@@ -132,13 +134,17 @@ def min_k(values: Tensor, mask: Tensor, k: float) -> Tensor:
 class SequenceScores:
     """Per-sequence scores of one teacher-forced pass."""
 
-    logp: np.ndarray  # length-normalised log-probability of the answer, mean token log p
+    logp: (
+        np.ndarray
+    )  # length-normalised log-probability of the answer, mean token log p
     mink: np.ndarray  # Min-K% of token log p
     minkpp: np.ndarray  # Min-K%++ of token log p
 
 
 @torch.no_grad()
-def score_sequences(model: Any, batch: Any, chunk: int = 128, k: float = 0.4) -> SequenceScores:
+def score_sequences(
+    model: Any, batch: Any, chunk: int = 128, k: float = 0.4
+) -> SequenceScores:
     """Teacher-forced scores of every row of an ``EncodedBatch``, ``chunk`` rows per
     forward pass."""
     from ..objectives import token_mask
@@ -146,7 +152,9 @@ def score_sequences(model: Any, batch: Any, chunk: int = 128, k: float = 0.4) ->
     out: dict[str, list[Tensor]] = {"logp": [], "mink": [], "minkpp": []}
     for s in range(0, len(batch), chunk):
         b = batch.select(range(s, min(s + chunk, len(batch))))
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+        logits = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask
+        ).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1)
         mask = token_mask(b.labels)
         target = b.labels[:, 1:].clamp(min=0)
@@ -159,13 +167,20 @@ def score_sequences(model: Any, batch: Any, chunk: int = 128, k: float = 0.4) ->
         out["logp"].append(torch.where(mask, tok, 0.0).sum(1) / n)
         out["mink"].append(min_k(tok, mask, k))
         out["minkpp"].append(min_k(z, mask, k))
-    return SequenceScores(**{key: torch.cat(v).numpy().astype(np.float64) for key, v in out.items()})
+    return SequenceScores(
+        **{key: torch.cat(v).numpy().astype(np.float64) for key, v in out.items()}
+    )
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: Any, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, eos_id: int,
-    pad_id: int, chunk: int = 128,
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    chunk: int = 128,
 ) -> list[list[int]]:
     """Greedy continuation of left-padded prompts, a whole chunk per forward pass (no
     key/value cache: the sequences are a few dozen tokens)."""
@@ -196,7 +211,9 @@ def greedy_generate(
 class _EvalSet:
     """One set's encoded answers, perturbed answers and prompts."""
 
-    def __init__(self, tok: Any, rows: Sequence[dict[str, Any]], reference: str, perturbed: bool):
+    def __init__(
+        self, tok: Any, rows: Sequence[dict[str, Any]], reference: str, perturbed: bool
+    ):
         from ._lm import encode_prompts, encode_qa
 
         self.rows = list(rows)
@@ -205,7 +222,9 @@ class _EvalSet:
         self.answers = [r["answer"] for r in self.rows]
         self.answer = encode_qa(tok, qs, self.answers)
         self.reference = (
-            self.answer if ref_key == "answer" else encode_qa(tok, qs, [r[ref_key] for r in rows])
+            self.answer
+            if ref_key == "answer"
+            else encode_qa(tok, qs, [r[ref_key] for r in rows])
         )
         self.k = 0
         self.perturbed = None
@@ -263,12 +282,23 @@ class Evaluator:
             ans = score_sequences(model, es.answer, k=self.k)
             r: dict[str, Any] = {"answer": ans}
             if es.perturbed is not None:
-                ref = ans if es.reference is es.answer else score_sequences(model, es.reference)
-                pert = score_sequences(model, es.perturbed).logp.reshape(len(es.rows), es.k)
+                ref = (
+                    ans
+                    if es.reference is es.answer
+                    else score_sequences(model, es.reference)
+                )
+                pert = score_sequences(model, es.perturbed).logp.reshape(
+                    len(es.rows), es.k
+                )
                 r["ratio"] = truth_ratio(ref.logp, pert)
                 r["pert_logp"] = pert
                 gen = greedy_generate(
-                    model, es.prompt_ids, es.prompt_mask, self.max_new_tokens, self.eos, self.pad
+                    model,
+                    es.prompt_ids,
+                    es.prompt_mask,
+                    self.max_new_tokens,
+                    self.eos,
+                    self.pad,
                 )
                 texts = self.tok.decode_batch(gen)
                 r["rouge"] = np.array(
@@ -300,8 +330,17 @@ class Evaluator:
             "world_truth": truth_score(w["ratio"]),
         }
         m["model_utility"] = harmonic_mean(
-            [m[k] for k in ("retain_prob", "retain_rouge", "retain_truth",
-                            "world_prob", "world_rouge", "world_truth")]
+            [
+                m[k]
+                for k in (
+                    "retain_prob",
+                    "retain_rouge",
+                    "retain_truth",
+                    "world_prob",
+                    "world_rouge",
+                    "world_truth",
+                )
+            ]
         )
         fq = forget_quality(f["ratio"], oracle["forget"]["ratio"])
         m["forget_quality"] = fq["p"]
@@ -310,11 +349,16 @@ class Evaluator:
         m["ks_n_oracle"] = fq["n_oracle"]
         if "holdout" in raw:
             h = raw["holdout"]["answer"]
-            for name, attr in (("loss", "logp"), ("mink", "mink"), ("minkpp", "minkpp")):
+            for name, attr in (
+                ("loss", "logp"),
+                ("mink", "mink"),
+                ("minkpp", "minkpp"),
+            ):
                 auc = mia_auc(getattr(f["answer"], attr), getattr(h, attr))
                 m[f"mia_auc_{name}"] = auc
                 ref = mia_auc(
-                    getattr(oracle["forget"]["answer"], attr), getattr(oracle["holdout"]["answer"], attr)
+                    getattr(oracle["forget"]["answer"], attr),
+                    getattr(oracle["holdout"]["answer"], attr),
                 )
                 m[f"privleak_{name}"] = privleak(auc, ref)
             m["mia_auc"] = m["mia_auc_mink"]

@@ -16,12 +16,23 @@ import numpy as np
 __all__ = [
     "FRONTS",
     "compare_fronts",
-    "hypervolume", "markdown_table", "pareto_table", "report_from_dir", "verdict", "write_report",
+    "hypervolume",
+    "markdown_table",
+    "pareto_table",
+    "report_from_dir",
+    "verdict",
+    "write_report",
 ]
 
 _COLUMNS = (
-    "forget_quality", "model_utility", "forget_prob", "retain_prob", "forget_rouge",
-    "forget_truth_ratio", "mia_auc", "privleak",
+    "forget_quality",
+    "model_utility",
+    "forget_prob",
+    "retain_prob",
+    "forget_rouge",
+    "forget_truth_ratio",
+    "mia_auc",
+    "privleak",
 )
 
 
@@ -72,17 +83,21 @@ def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     score (``log10 p`` mapped linearly from the target's, 0, to ``p = 1``, 1) and ``hv_fp``
     with the forget probability score (the target's 0, the reference oracle's 1)."""
     t = _target(records)
-    oracle = next((r for r in records if r["method"] == "oracle" and r["seed"] == 0), None)
+    oracle = next(
+        (r for r in records if r["method"] == "oracle" and r["seed"] == 0), None
+    )
     fp_oracle = oracle["forget_prob"] if oracle is not None else 0.0
-    pts: dict[tuple[str, bool, int], dict[str, list[tuple[float, float]]]] = defaultdict(
-        lambda: {f: [] for f in FRONTS}
+    pts: dict[tuple[str, bool, int], dict[str, list[tuple[float, float]]]] = (
+        defaultdict(lambda: {f: [] for f in FRONTS})
     )
     for r in _runs(records):
         x = r["model_utility"] / t["model_utility"] if t["model_utility"] > 0 else 0.0
         p = pts[(r["method"], r["gru"], r["seed"])]
         p["fq"].append((x, _fq_score(r["forget_quality"], t["forget_quality"])))
         p["fp"].append((x, _fp_score(r["forget_prob"], t["forget_prob"], fp_oracle)))
-    by: dict[tuple[str, bool], dict[str, list[float]]] = defaultdict(lambda: {f: [] for f in FRONTS})
+    by: dict[tuple[str, bool], dict[str, list[float]]] = defaultdict(
+        lambda: {f: [] for f in FRONTS}
+    )
     for (m, g, _), p in pts.items():
         for f in FRONTS:
             by[(m, g)][f].append(hypervolume(p[f]))
@@ -93,11 +108,15 @@ def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"hv_{f}_mean"] = float(np.mean(hv[f]))
             row[f"hv_{f}_std"] = float(np.std(hv[f], ddof=1)) if len(hv[f]) > 1 else 0.0
         out.append(row)
-    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))}
+    order = {
+        m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))
+    }
     return sorted(out, key=lambda r: (order[r["method"]], r["gru"]))
 
 
-def compare_fronts(records: Sequence[dict[str, Any]], tol: float = 0.02) -> dict[str, dict[str, str]]:
+def compare_fronts(
+    records: Sequence[dict[str, Any]], tol: float = 0.02
+) -> dict[str, dict[str, str]]:
     """Per method and front: ``"better"``, ``"worse"`` or ``"tie"`` for GRU against plain.
     A difference of mean hypervolumes counts when it exceeds twice its standard error over
     seeds and ``tol``."""
@@ -123,7 +142,11 @@ def _agg(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
 
 
 def _fmt(mean: float, std: float, n: int, key: str) -> str:
-    f = "{:.2e}" if key == "forget_quality" else ("{:.1f}" if key == "privleak" else "{:.3f}")
+    f = (
+        "{:.2e}"
+        if key == "forget_quality"
+        else ("{:.1f}" if key == "privleak" else "{:.3f}")
+    )
     s = f.format(mean)
     return s + (" ± " + f.format(std) if n > 1 else "")
 
@@ -138,7 +161,13 @@ def final_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             groups[(r["method"], r["gru"], r["lr"])].append(r)
     out = []
     for (m, g, lr), rows in groups.items():
-        row: dict[str, Any] = {"method": m, "gru": g, "lr": lr, "step": last, "n": len(rows)}
+        row: dict[str, Any] = {
+            "method": m,
+            "gru": g,
+            "lr": lr,
+            "step": last,
+            "n": len(rows),
+        }
         for k in _COLUMNS:
             row[k] = _agg(rows, k)
         out.append(row)
@@ -150,7 +179,9 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     head = ["model", "GRU", "lr", "step", "n"] + [k for k in _COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def line(name: str, gru: str, lr: str, step: str, rows: Sequence[dict[str, Any]]) -> str:
+    def line(
+        name: str, gru: str, lr: str, step: str, rows: Sequence[dict[str, Any]]
+    ) -> str:
         cells = [name, gru, lr, step, str(len(rows))]
         for k in _COLUMNS:
             cells.append(_fmt(*_agg(rows, k), len(rows), k))
@@ -158,7 +189,9 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
     lines.append(line("target", "", "", "0", [_target(records)]))
     oracles = [r for r in records if r["method"] == "oracle"]
-    lines.append(line("oracle (reference)", "", "", "", [r for r in oracles if r["seed"] == 0]))
+    lines.append(
+        line("oracle (reference)", "", "", "", [r for r in oracles if r["seed"] == 0])
+    )
     others = [r for r in oracles if r["seed"] != 0]
     if others:
         lines.append(line("oracles vs reference (noise floor)", "", "", "", others))
@@ -203,20 +236,35 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
     forgetting and model utility, and whether at equal steps it merely forgets less."""
     cmp = compare_fronts(records, tol)
     both = [m for m, c in cmp.items() if all(v == "better" for v in c.values())]
-    one = [m for m, c in cmp.items()
-           if "better" in c.values() and "worse" not in c.values() and m not in both]
-    worse = [m for m, c in cmp.items() if "worse" in c.values() and "better" not in c.values()]
-    mixed = [m for m, c in cmp.items() if "worse" in c.values() and "better" in c.values()]
+    one = [
+        m
+        for m, c in cmp.items()
+        if "better" in c.values() and "worse" not in c.values() and m not in both
+    ]
+    worse = [
+        m
+        for m, c in cmp.items()
+        if "worse" in c.values() and "better" not in c.values()
+    ]
+    mixed = [
+        m for m, c in cmp.items() if "worse" in c.values() and "better" in c.values()
+    ]
     tie = [m for m, c in cmp.items() if all(v == "tie" for v in c.values())]
-    slower = list(dict.fromkeys(
-        m for m, pr, gr in _group_final(records)
-        if gr["model_utility"] > pr["model_utility"] and gr["forget_prob"] > pr["forget_prob"]
-    ))
+    slower = list(
+        dict.fromkeys(
+            m
+            for m, pr, gr in _group_final(records)
+            if gr["model_utility"] > pr["model_utility"]
+            and gr["forget_prob"] > pr["forget_prob"]
+        )
+    )
     parts = []
     if both:
         parts.append(f"on both fronts for {', '.join(both)}")
     if one:
-        parts.append(f"on one front only (the other within the seed spread) for {', '.join(one)}")
+        parts.append(
+            f"on one front only (the other within the seed spread) for {', '.join(one)}"
+        )
     if mixed:
         parts.append(f"on one front while worsening the other for {', '.join(mixed)}")
     if tie:
@@ -243,7 +291,9 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
     return s + "."
 
 
-def _group_final(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+def _group_final(
+    records: Sequence[dict[str, Any]],
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
     rows = final_rows(records)
     by = {(r["method"], r["gru"], r["lr"]): r for r in rows}
     out = []
@@ -252,7 +302,9 @@ def _group_final(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str,
             continue
         gr = by.get((m, True, lr))
         if gr is not None:
-            out.append((m, {k: r[k][0] for k in _COLUMNS}, {k: gr[k][0] for k in _COLUMNS}))
+            out.append(
+                (m, {k: r[k][0] for k in _COLUMNS}, {k: gr[k][0] for k in _COLUMNS})
+            )
     return out
 
 
@@ -270,9 +322,16 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
     lrs = sorted({r["lr"] for r in runs})
     t = _target(records)
     oracles = [r for r in records if r["method"] == "oracle"]
-    rows = (("forget_quality", "forget quality (KS p-value)"), ("forget_prob", "forget probability"))
+    rows = (
+        ("forget_quality", "forget quality (KS p-value)"),
+        ("forget_prob", "forget probability"),
+    )
     fig, axes = plt.subplots(
-        len(rows), len(methods), figsize=(3.3 * len(methods), 6.2), squeeze=False, sharey="row"
+        len(rows),
+        len(methods),
+        figsize=(3.3 * len(methods), 6.2),
+        squeeze=False,
+        sharey="row",
     )
     markers = "osD^v"
     colors = {False: "tab:blue", True: "tab:orange"}
@@ -281,7 +340,11 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
             ax = axes[i][j]
             for g in (False, True):
                 for li, lr in enumerate(lrs):
-                    sel = [r for r in runs if r["method"] == m and r["gru"] == g and r["lr"] == lr]
+                    sel = [
+                        r
+                        for r in runs
+                        if r["method"] == m and r["gru"] == g and r["lr"] == lr
+                    ]
                     steps = sorted({r["step"] for r in sel})
                     xs, ys, xe, ye = [], [], [], []
                     for s in steps:
@@ -290,24 +353,52 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                         y = np.array([r[key] for r in pts])
                         if key == "forget_quality":
                             y = np.log10(np.maximum(y, 1e-300))
-                        xs.append(x.mean()); ys.append(y.mean())
-                        xe.append(x.std()); ye.append(y.std())
+                        xs.append(x.mean())
+                        ys.append(y.mean())
+                        xe.append(x.std())
+                        ye.append(y.std())
                     ax.errorbar(
-                        xs, ys, xerr=xe, yerr=ye, color=colors[g], marker=markers[li % 5],
-                        ms=4, lw=1, alpha=0.5 + 0.5 * (li + 1) / len(lrs), capsize=2,
-                        label=f"{'GRU' if g else 'plain'} lr={lr:g}" if i == j == 0 else None,
+                        xs,
+                        ys,
+                        xerr=xe,
+                        yerr=ye,
+                        color=colors[g],
+                        marker=markers[li % 5],
+                        ms=4,
+                        lw=1,
+                        alpha=0.5 + 0.5 * (li + 1) / len(lrs),
+                        capsize=2,
+                        label=f"{'GRU' if g else 'plain'} lr={lr:g}"
+                        if i == j == 0
+                        else None,
                     )
             ty = math.log10(max(t[key], 1e-300)) if key == "forget_quality" else t[key]
-            ax.scatter([t["model_utility"]], [ty], marker="*", s=120, c="k", zorder=5,
-                       label="target" if i == j == 0 else None)
+            ax.scatter(
+                [t["model_utility"]],
+                [ty],
+                marker="*",
+                s=120,
+                c="k",
+                zorder=5,
+                label="target" if i == j == 0 else None,
+            )
             if oracles:
                 ox = [o["model_utility"] for o in oracles]
                 oy = [
-                    math.log10(max(o[key], 1e-300)) if key == "forget_quality" else o[key]
+                    math.log10(max(o[key], 1e-300))
+                    if key == "forget_quality"
+                    else o[key]
                     for o in oracles
                 ]
-                ax.scatter(ox, oy, marker="P", s=50, c="tab:green", zorder=5,
-                           label="oracles (retain only)" if i == j == 0 else None)
+                ax.scatter(
+                    ox,
+                    oy,
+                    marker="P",
+                    s=50,
+                    c="tab:green",
+                    zorder=5,
+                    label="oracles (retain only)" if i == j == 0 else None,
+                )
                 noise = [y for o, y in zip(oracles, oy) if o["seed"] != 0]
                 if noise:
                     ax.axhspan(min(noise), max(noise), color="tab:green", alpha=0.12)
@@ -323,7 +414,9 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
         "better is up-right (top) and down-right (bottom); green: retain-only oracles and their spread",
         fontsize=9,
     )
-    fig.legend(loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False)
+    fig.legend(
+        loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False
+    )
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -331,7 +424,9 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+def write_report(
+    records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any]
+) -> dict[str, Path]:
     """Write ``summary.json`` (the records), ``summary.csv``, ``table.md`` (tables and the
     verdict), ``tradeoff.png`` and ``meta.json`` (config, versions, wall time) under
     ``out_dir``; returns their paths."""
@@ -344,15 +439,22 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[st
         "plot": out_dir / "tradeoff.png",
         "meta": out_dir / "meta.json",
     }
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-             for r in records]
+    clean = [
+        {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in r.items()
+        }
+        for r in records
+    ]
     paths["json"].write_text(json.dumps(clean, indent=1))
     keys = list(dict.fromkeys(k for r in records for k in r))
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(records)
-    paths["table"].write_text(markdown_table(records) + "\n\n" + verdict(records) + "\n")
+    paths["table"].write_text(
+        markdown_table(records) + "\n\n" + verdict(records) + "\n"
+    )
     plot_tradeoff(records, paths["plot"])
     paths["meta"].write_text(json.dumps(meta, indent=1))
     cfg = meta.get("config", {})
@@ -362,18 +464,20 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[st
         f" in {meta.get('wall_seconds', float('nan')):.0f} s wall time"
         f" (torch {meta.get('torch', '?')}, {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s))"
         + (
-            f"; the target and the oracles came from the cache (training them took"
+            "; the target and the oracles came from the cache (training them took"
             f" {meta['train_seconds']:.0f} s more)."
             if meta.get("models_cached") and "train_seconds" in meta
             else f"; training the target and the oracles took {meta['train_seconds']:.0f} s of it."
             if "train_seconds" in meta
             else "."
         ),
-        f"{len({(r['method'], r['gru'], r['lr'], r['seed']) for r in runs})} unlearning runs"
-        f" ({len(cfg.get('methods', []))} methods × plain/GRU × {len(cfg.get('lrs', []))} learning"
-        f" rates × {len(cfg.get('seeds', []))} seeds, {cfg.get('steps', '?')} steps each),"
-        f" {sum(1 for r in records if r['method'] == 'oracle')} oracles;"
-        f" forget split `{cfg.get('split', '?')}` of {cfg.get('corpus', {}).get('n_authors', '?')} authors.",
+        (
+            f"{len({(r['method'], r['gru'], r['lr'], r['seed']) for r in runs})} unlearning runs"
+            f" ({len(cfg.get('methods', []))} methods × plain/GRU × {len(cfg.get('lrs', []))} learning"
+            f" rates × {len(cfg.get('seeds', []))} seeds, {cfg.get('steps', '?')} steps each),"
+            f" {sum(1 for r in records if r['method'] == 'oracle')} oracles;"
+            f" forget split `{cfg.get('split', '?')}` of {cfg.get('corpus', {}).get('n_authors', '?')} authors."
+        ),
     ]
     paths["readme"] = out_dir / "README.md"
     paths["readme"].write_text("\n".join(lines) + "\n")
@@ -385,6 +489,8 @@ def report_from_dir(out_dir: str | Path) -> dict[str, Path]:
     ``meta.json`` already in ``out_dir``."""
     out_dir = Path(out_dir)
     records = json.loads((out_dir / "summary.json").read_text())
-    records = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
+    records = [
+        {k: (math.nan if v is None else v) for k, v in r.items()} for r in records
+    ]
     meta = json.loads((out_dir / "meta.json").read_text())
     return write_report(records, out_dir, meta)

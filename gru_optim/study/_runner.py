@@ -8,7 +8,7 @@ import copy
 import json
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -98,10 +98,14 @@ def _loss_fn(cfg: StudyConfig, method: str) -> Callable[..., torch.Tensor]:
             return ob.ga_loss(logits, fb.labels)
         if method == "GradDiff":
             rl = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits
-            return ob.grad_diff_loss(logits, fb.labels, rl, rb.labels, cfg.graddiff_alpha)
+            return ob.grad_diff_loss(
+                logits, fb.labels, rl, rb.labels, cfg.graddiff_alpha
+            )
         if method == "NPO":
             with torch.no_grad():
-                ref_logits = ref(input_ids=fb.input_ids, attention_mask=fb.attention_mask).logits
+                ref_logits = ref(
+                    input_ids=fb.input_ids, attention_mask=fb.attention_mask
+                ).logits
             return ob.npo_loss(logits, fb.labels, ref_logits, cfg.npo_beta)
         if method == "SimNPO":
             return ob.simnpo_loss(logits, fb.labels, cfg.simnpo_beta, cfg.simnpo_delta)
@@ -150,22 +154,26 @@ def unlearn(
     ridx = _batches(len(retain), min(cfg.retain_batch, len(retain)), cfg.steps, gen)
     loss_fn = _loss_fn(cfg, method)
     inner = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    opt: torch.optim.Optimizer = GRUOptimizer(inner, gamma=cfg.gamma) if use_gru else inner
+    opt: torch.optim.Optimizer = (
+        GRUOptimizer(inner, gamma=cfg.gamma) if use_gru else inner
+    )
     torch.manual_seed(seed)
     for step in range(1, cfg.steps + 1):
         fb, rb = forget.select(fidx[step - 1]), retain.select(ridx[step - 1])
         opt.zero_grad(set_to_none=True)
         if use_gru:
 
-            def forget_closure() -> torch.Tensor:
+            def forget_closure(fb: Any = fb, rb: Any = rb) -> torch.Tensor:
                 loss = loss_fn(model, target, fb, rb)
                 loss.backward()
                 return loss
 
-            def retain_closure() -> torch.Tensor:
+            def retain_closure(rb: Any = rb) -> torch.Tensor:
                 from ..objectives import nll_loss
 
-                logits = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits
+                logits = model(
+                    input_ids=rb.input_ids, attention_mask=rb.attention_mask
+                ).logits
                 loss = nll_loss(logits, rb.labels)
                 loss.backward()
                 return loss
@@ -196,6 +204,10 @@ def _corpus_key(c: CorpusConfig) -> str:
     return cache_key(**asdict(c))
 
 
+def _how(info: dict[str, Any]) -> str:
+    return "cached" if info["cached"] else f"trained in {info['seconds']:.0f} s"
+
+
 def run_study(
     cfg: StudyConfig,
     out_dir: str | Path | None = None,
@@ -224,23 +236,41 @@ def run_study(
     model_cfg = replace(cfg.model, vocab_size=tok.get_vocab_size())
     key = {"corpus": str(root), "vocab": tok.to_str(), "split": cfg.split}
     target, tinfo = load_or_train(
-        "target", data.retain + data.forget + data.world, tok, model_cfg, cfg.train, 0, cache, key
+        "target",
+        data.retain + data.forget + data.world,
+        tok,
+        model_cfg,
+        cfg.train,
+        0,
+        cache,
+        key,
     )
-    log(f"target: {'cached' if tinfo['cached'] else 'trained in %.0f s' % tinfo['seconds']}")
+    log(f"target: {_how(tinfo)}")
     infos = [tinfo]
     oracles = []
     for j in range(cfg.n_oracles):
         m, info = load_or_train(
-            "oracle", data.retain + data.world, tok, model_cfg, cfg.train, 1000 + j, cache, key
+            "oracle",
+            data.retain + data.world,
+            tok,
+            model_cfg,
+            cfg.train,
+            1000 + j,
+            cache,
+            key,
         )
         oracles.append(m)
         infos.append(info)
-        log(f"oracle {j}: {'cached' if info['cached'] else 'trained in %.0f s' % info['seconds']}")
+        log(f"oracle {j}: {_how(info)}")
     answer_lens = [
-        len(tok.encode(" " + r["answer"]).ids) for r in data.forget_eval + data.retain_eval
+        len(tok.encode(" " + r["answer"]).ids)
+        for r in data.forget_eval + data.retain_eval
     ]
     ev = Evaluator(
-        tok, data, reference=cfg.truth_reference, rouge_rows=cfg.rouge_rows,
+        tok,
+        data,
+        reference=cfg.truth_reference,
+        rouge_rows=cfg.rouge_rows,
         max_new_tokens=max(answer_lens) + 2,
     )
     oracle_raw = ev.raw(oracles[0])
@@ -249,14 +279,30 @@ def run_study(
     target_m = ev.summarise(ev.raw(target), oracle_raw)
     records.append({"method": "target", "gru": False, "seed": 0, **base, **target_m})
     records.append(
-        {"method": "oracle", "gru": False, "seed": 0, **base, **ev.summarise(oracle_raw, oracle_raw)}
+        {
+            "method": "oracle",
+            "gru": False,
+            "seed": 0,
+            **base,
+            **ev.summarise(oracle_raw, oracle_raw),
+        }
     )
     for j, m in enumerate(oracles[1:], start=1):
         records.append(
-            {"method": "oracle", "gru": False, "seed": j, **base, **ev.summarise(ev.raw(m), oracle_raw)}
+            {
+                "method": "oracle",
+                "gru": False,
+                "seed": j,
+                **base,
+                **ev.summarise(ev.raw(m), oracle_raw),
+            }
         )
-    forget = encode_qa(tok, [r["question"] for r in data.forget], [r["answer"] for r in data.forget])
-    retain = encode_qa(tok, [r["question"] for r in data.retain], [r["answer"] for r in data.retain])
+    forget = encode_qa(
+        tok, [r["question"] for r in data.forget], [r["answer"] for r in data.forget]
+    )
+    retain = encode_qa(
+        tok, [r["question"] for r in data.retain], [r["answer"] for r in data.retain]
+    )
     ref = target.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -267,16 +313,24 @@ def run_study(
         for method in cfg.methods
         for gru in (False, True)
     ]
-    bar = tqdm(total=len(runs) * cfg.steps, desc=f"unlearn ({len(runs)} runs)", mininterval=0.5)
+    bar = tqdm(
+        total=len(runs) * cfg.steps, desc=f"unlearn ({len(runs)} runs)", mininterval=0.5
+    )
     for method, gru, lr, seed in runs:
         meta = {"method": method, "gru": gru, "seed": seed, "lr": lr}
         records.append({**meta, "step": 0, **target_m})
         t0 = time.perf_counter()
 
-        def record(step: int, model: Any, meta: dict[str, Any] = meta, t0: float = t0) -> None:
+        def record(
+            step: int, model: Any, meta: dict[str, Any] = meta, t0: float = t0
+        ) -> None:
             records.append(
-                {**meta, "step": step, **ev.summarise(ev.raw(model), oracle_raw),
-                 "seconds": time.perf_counter() - t0}
+                {
+                    **meta,
+                    "step": step,
+                    **ev.summarise(ev.raw(model), oracle_raw),
+                    "seconds": time.perf_counter() - t0,
+                }
             )
 
         bar.set_postfix_str(f"{method}{'+GRU' if gru else ''} lr={lr:g} seed={seed}")
