@@ -271,6 +271,14 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
         parts.append(f"on neither beyond the seed spread for {', '.join(tie)}")
     if worse:
         parts.append(f"on neither, and worsens it, for {', '.join(worse)}")
+    n_seeds = min((r["n_seeds"] for r in pareto_table(records)), default=1)
+    if n_seeds == 1:
+        parts = [
+            p.replace(
+                "the seed spread", f"a {tol} margin (one seed: no spread measured)"
+            )
+            for p in parts
+        ]
     s = (
         "Judged by the Pareto fronts of forgetting (forget quality, forget probability) "
         "against model utility over all learning rates and checkpoints, GRU improves the "
