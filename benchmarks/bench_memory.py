@@ -153,8 +153,8 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
         opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA, ema_dtype=dt)
         for _ in range(2):
             with opt.retain_pass():
-                torch._foreach_copy_(grads, retain_src)
-            torch._foreach_copy_(grads, forget_src)
+                C.store_grads(params, retain_src)
+            C.store_grads(params, forget_src)
             opt.step()
         assert bool(opt.last_stats["conflict"])
         persist[label] = persistent_bytes(opt, params)
@@ -170,9 +170,9 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
         # warm-up step, then measure the second one
         for measure in (False, True):
             pre()
-            torch._foreach_copy_(grads, retain_src)
+            C.store_grads(params, retain_src)
             r = peak_transient(post_retain) if measure else (post_retain(), None)[1]
-            torch._foreach_copy_(grads, forget_src)
+            C.store_grads(params, forget_src)
             f = peak_transient(post_forget) if measure else (post_forget(), None)[1]
         return {"retain_fold": r, "rectify": f}
 
@@ -190,7 +190,8 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
     transient["adamw"] = phases(lambda: None, lambda: None, adam.step)
     ema = [torch.zeros_like(p) for p in params]
     transient["gru_core"] = phases(
-        lambda: None, lambda: ema_update_(ema, grads, GAMMA), lambda: rectify_(grads, ema)
+        lambda: None, lambda: ema_update_(ema, [p.grad for p in params], GAMMA),
+        lambda: rectify_([p.grad for p in params], ema)
     )
     ref = ReferenceStyleGRU(named, GAMMA)
     transient["reference"] = phases(lambda: None, ref.post_retain, ref.post_forget)

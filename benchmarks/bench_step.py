@@ -226,11 +226,11 @@ def measure(
             t0 = C.clock()
             impl.pre_retain()
             t += C.clock() - t0
-            torch._foreach_copy_(grads, retain_src)  # the retain backward
+            C.store_grads(params, retain_src)  # the retain backward
             t0 = C.clock()
             impl.post_retain()
             t += C.clock() - t0
-            torch._foreach_copy_(grads, forget_src)  # the forget backward
+            C.store_grads(params, forget_src)  # the forget backward
             t0 = C.clock()
             impl.post_forget()
             t += C.clock() - t0

@@ -87,8 +87,7 @@ def check_correctness(
         with opt.retain_pass():
             for p, g in zip(params, g_r):
                 p.grad = g.to(device, copy=True)
-        for p, g in zip(params, g_u):
-            p.grad.copy_(g.to(device))
+        C.store_grads(params, [g.to(device) for g in g_u])
         opt.step()
         # float64 reference from the same (already rounded) inputs
         m_ref = [GAMMA * r.double() + (1 - GAMMA) * m for r, m in zip(g_r, m_ref)]
@@ -164,7 +163,7 @@ def check_no_sync(device: torch.device) -> dict[str, Any]:
                     torch.cuda.set_sync_debug_mode("error")
                 try:
                     ctx.__exit__(None, None, None)
-                    torch._foreach_copy_([p.grad for p in params], forget)
+                    C.store_grads(params, forget)
                     opt.step()
                 finally:
                     if checked:
@@ -212,8 +211,8 @@ def time_size(
         ),
         "gru_core": (
             None,
-            lambda: ema_update_(core_ema, grads, GAMMA),
-            lambda: rectify_(grads, core_ema),
+            lambda: ema_update_(core_ema, [p.grad for p in params], GAMMA),
+            lambda: rectify_([p.grad for p in params], core_ema),
         ),
         "adamw_foreach": (None, None, adam_foreach.step),
         "copy": (None, None, lambda: torch._foreach_copy_(grads, forget_src)),
@@ -235,10 +234,10 @@ def time_size(
             peak = 0
         for part in parts:
             if part == "retain":
-                torch._foreach_copy_(grads, retain_src)
+                C.store_grads(params, retain_src)
                 continue
             if part == "forget":
-                torch._foreach_copy_(grads, forget_src)
+                C.store_grads(params, forget_src)
                 continue
             if part is None:
                 continue

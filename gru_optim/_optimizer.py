@@ -286,7 +286,7 @@ class GRUOptimizer(Optimizer):
 
         Inside the forget closure of ``step(forget_closure, retain_closure)`` and before
         its ``backward`` (closures written the torch way, ``zero_grad()`` first), it leaves
-        the gradients alone: they hold only what the retain pass left (zeros, or
+        the gradients alone: they hold only what the retain pass left (nothing, or
         ``retain_weight`` times the retain gradient), which the step still needs.
         """
         pending = self._pending
@@ -420,7 +420,7 @@ class GRUOptimizer(Optimizer):
         """Context in which the retain loss is back-propagated (the closure-free path).
 
         On exit the retain gradient (everything accumulated inside, so micro-batches may
-        loop in it) is folded into the memory and the gradients are cleared, ready for the
+        loop in it) is folded into the memory and the gradients are set to ``None``, ready for the
         forget loss's ``backward`` and :meth:`step`. The losses given as ``loss`` or to the
         yielded handle's :meth:`RetainPass.record` (summed) are only recorded for
         :attr:`last_stats`::
@@ -491,7 +491,11 @@ class GRUOptimizer(Optimizer):
                     )
                 torch._foreach_mul_(grads, factor)
             else:
-                torch._foreach_zero_(grads)
+                # Cleared the way zero_grad(set_to_none=True) clears them: no write pass,
+                # and the forget backward then stores its gradient instead of adding it
+                # to zeros. DDP re-points them at its buckets, FSDP2 re-creates them.
+                for p in with_grad:
+                    p.grad = None
             self._pending = _RetainRecord(
                 loss=loss.detach() if isinstance(loss, Tensor) else None,
                 grad_norm=total.sqrt(),
@@ -509,7 +513,8 @@ class GRUOptimizer(Optimizer):
         """One optimizer step.
 
         - ``step(forget_closure, retain_closure)``: runs the retain closure, folds its
-          gradient into the memory, clears the gradients, runs the forget closure,
+          gradient into the memory, clears the gradients (to ``None``; with
+          ``retain_weight`` they keep that multiple of the retain gradient), runs the forget closure,
           rectifies the gradients in place and steps the inner optimizer. Each closure
           computes its loss, calls ``backward`` and returns the loss. Returns the forget
           loss.
