@@ -84,6 +84,9 @@ def _tensors_in(
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             _tensors_in(getattr(obj, f.name), f"{path}.{f.name}", seen, out, depth + 1)
+    elif type(obj).__module__.startswith("gru_optim") and hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            _tensors_in(v, f"{path}.{k}", seen, out, depth + 1)
 
 
 def persistent_bytes(opt: GRUOptimizer, params: list[torch.Tensor]) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def persistent_bytes(opt: GRUOptimizer, params: list[torch.Tensor]) -> dict[str,
         d["bytes"] += nbytes
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     total = sum(storages.values())
-    ema_bytes = by_attr.get("_ema", {}).get("bytes", 0)
+    ema_bytes = by_attr.get("_memory", {}).get("bytes", 0)
     return {
         "param_bytes": param_bytes,
         "extra_bytes": total,

@@ -5,12 +5,30 @@ Wrap any optimizer, give ``step`` a forget closure and a retain closure (or use
 forget gradient with its conflict against the retain gradient's memory projected out.
 
 ``gru_optim.objectives`` holds the unlearning objectives, ``gru_optim.data`` paired
-forget/retain data, and ``gru_optim.hf`` (``hf`` extra, imported on demand) the Hugging
-Face ``GRUTrainer``.
+forget/retain data, ``gru_optim.rules`` the rectification rules, and ``gru_optim.hf``
+(``hf`` extra, imported on demand) the Hugging Face ``GRUTrainer``.
 """
 
-from . import data, functional, objectives
-from ._optimizer import EMA_KEY, GRUOptimizer, RetainPass
+from . import data, functional, objectives, rules
+from ._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
+from ._memory import EMA_KEY
+from ._optimizer import GRUOptimizer
+from ._pending import RetainPass
+from ._rules import COS_CLIP_KEY
+from ._stats import SkipReason
 from ._version import __version__
 
-__all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass", "__version__", "data", "functional", "objectives"]
+__all__ = [
+    "COS_CLIP_KEY",
+    "EMA_KEY",
+    "GAMMA_KEY",
+    "GRUOptimizer",
+    "RETAIN_WEIGHT_KEY",
+    "RetainPass",
+    "SkipReason",
+    "__version__",
+    "data",
+    "functional",
+    "objectives",
+    "rules",
+]

@@ -5,9 +5,18 @@ holds distributed tensors) and never synchronises with the host on an accelerato
 decisions stay on the device as 0-dim tensors. Dot products and norms accumulate in
 float32 (float64 when an input is float64), whatever the dtype of the gradients.
 
-The mathematics of GRU lives in :func:`conflict_coefficients` (the closed form of the
-constrained problem) and :func:`project_` (applying it); everything else computes the
-sums those two need.
+The mathematics of GRU lives in the coefficient functions (:func:`conflict_coefficients`,
+the closed form of the constrained problem; :func:`cosclip_coefficients`, the authors'
+partial projection) and :func:`project_` (applying them); :func:`segment_stats` computes
+the sums they need, once, for every rule and both spaces of the optimizer.
+
+Dynamic range. Float32 sums of squares are exact to rounding while the elements that
+dominate a tensor are between about ``1e-19`` and ``1e19`` in magnitude (their squares
+stay normal float32 numbers). :func:`segment_stats` flags a segment outside that range
+(``SegmentStats.in_range``): on the CPU it then recomputes the segment in float64, which
+is exact for every finite float32 input; on an accelerator the flag stays on the device
+for the caller to act on (:class:`~gru_optim.GRUOptimizer` skips such a step, with a
+reason).
 """
 
 from __future__ import annotations
@@ -20,18 +29,26 @@ from torch import Tensor
 
 __all__ = [
     "RectifyResult",
+    "SegmentStats",
+    "clip_coefficient",
     "conflict_coefficients",
+    "cosclip_coefficients",
     "ema_update_",
     "expand_segments",
     "project_",
     "rectify_",
     "segment_dots",
+    "segment_stats",
     "segment_sum",
     "tensor_dots",
     "tensor_sq_norms",
+    "total_norm",
 ]
 
 _Key = tuple[torch.device, torch.dtype, torch.dtype]
+
+# Below this mean square a float32 sum of squares may be made of subnormal products.
+_TINY32 = 2.0**-126
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -75,7 +92,13 @@ def ema_update_(
         ms = [ema[i] for i in idx]
         gs = [grads[i] for i in idx]
         same = m_dtype == g_dtype
-        if use_foreach:
+        if gamma == 1.0:
+            if use_foreach:
+                torch._foreach_copy_(ms, gs)
+            else:
+                for m, g in zip(ms, gs):
+                    m.copy_(g)
+        elif use_foreach:
             if same:
                 torch._foreach_lerp_(ms, gs, gamma)
             else:
@@ -89,20 +112,26 @@ def ema_update_(
                     m.mul_(1.0 - gamma).add_(g, alpha=gamma)
 
 
-def tensor_sq_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> Tensor:
+def tensor_sq_norms(
+    tensors: Sequence[Tensor], *, foreach: bool | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """Squared L2 norm of every tensor, as one 1-D tensor of length ``len(tensors)``.
 
-    Accumulated in float32 (float64 for float64 inputs) on the device of the first tensor.
+    Accumulated in float32 (float64 for float64 inputs, or in ``dtype`` when given) on the
+    device of the first tensor.
     """
     if len(tensors) == 0:
         return torch.zeros(0)
     out: list[Tensor | None] = [None] * len(tensors)
     use_foreach = _default_foreach(tensors) if foreach is None else foreach
-    for (_, dtype, _), idx in _group(tensors).items():
-        cdtype = _compute_dtype(dtype)
+    for (_, tdtype, _), idx in _group(tensors).items():
         ts = [tensors[i] for i in idx]
-        if use_foreach:
-            norms = torch._foreach_norm(ts, 2, dtype=cdtype)
+        cdtype = dtype or _compute_dtype(tdtype)
+        if dtype is not None and dtype != tdtype:
+            # The careful path: exact float64 squares (a transient copy per tensor).
+            norms = [torch.linalg.vector_norm(t.to(dtype)) for t in ts]
+        elif use_foreach:
+            norms = list(torch._foreach_norm(ts, 2, dtype=cdtype))
         else:
             norms = [torch.linalg.vector_norm(t, dtype=cdtype) for t in ts]
         for i, n in zip(idx, norms):
@@ -110,8 +139,9 @@ def tensor_sq_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -
     return _stack_scalars(out, tensors[0].device).square()
 
 
-def tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``<a[i], b[i]>`` for every ``i``, as one 1-D tensor, accumulated in float32 or wider.
+def tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> Tensor:
+    """``<a[i], b[i]>`` for every ``i``, as one 1-D tensor, accumulated in float32 or wider
+    (``dtype`` when given).
 
     Tensors of one pair may differ in dtype; the narrower one is widened for that pair
     only (a transient the size of one tensor).
@@ -122,7 +152,7 @@ def tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         return torch.zeros(0)
     out: list[Tensor | None] = []
     for x, y in zip(a, b):
-        cdtype = _compute_dtype(x.dtype, y.dtype)
+        cdtype = dtype or _compute_dtype(x.dtype, y.dtype)
         xf = x.reshape(-1)
         yf = y.reshape(-1)
         if xf.dtype != cdtype:
@@ -153,7 +183,7 @@ def segment_sum(values: Tensor, segments: Sequence[int] | None) -> Tensor:
         raise ValueError(f"segments add up to {sum(segments)}, expected {values.shape[0]}")
     if len(segments) == values.shape[0]:
         return values
-    return torch.stack([v.sum() for v in values.split(list(segments))])
+    return torch.stack([v.sum(0) for v in values.split(list(segments))])
 
 
 def expand_segments(per_segment: Tensor, segments: Sequence[int] | None, n: int) -> Tensor:
@@ -176,6 +206,56 @@ def conflict_coefficients(dot: Tensor, ema_sq_norm: Tensor) -> Tensor:
     positive = ema_sq_norm > 0
     safe = torch.where(positive, ema_sq_norm, torch.ones_like(ema_sq_norm))
     return torch.where(positive & (dot < 0), dot / safe, torch.zeros_like(dot))
+
+
+def cosclip_coefficients(
+    dot: Tensor, ema_sq_norm: Tensor, grad_sq_norm: Tensor, threshold: float | Tensor
+) -> Tensor:
+    """The authors' partial projection ("cos clip"), elementwise over segments.
+
+    With ``cos = dot / (||g|| ||m||)``: where ``cos >= threshold`` (and ``dot < 0``) this
+    is the full projection of :func:`conflict_coefficients`; where ``cos < threshold``
+    only the part of the conflict beyond the threshold is removed,
+    ``c = threshold * ||g|| / ||m||``, which leaves ``<g - c m, m> = ||g|| ||m||
+    (cos - threshold) < 0``. In one expression:
+    ``c = min(0, max(dot, threshold * ||g|| * ||m||)) / ||m||^2``. ``threshold = -1``
+    is the paper's rule, ``threshold = 0`` never projects; the authors use ``-0.5``.
+    """
+    positive = ema_sq_norm > 0
+    safe = torch.where(positive, ema_sq_norm, torch.ones_like(ema_sq_norm))
+    floor = torch.as_tensor(threshold, dtype=dot.dtype, device=dot.device) * (
+        grad_sq_norm.to(dot.dtype) * ema_sq_norm
+    ).sqrt()
+    clipped = torch.minimum(torch.maximum(dot, floor), torch.zeros_like(dot))
+    return torch.where(positive, clipped / safe, torch.zeros_like(dot))
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """The factor that clips a gradient of norm ``norm`` to ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` computes it: ``min(1, max_norm / (norm + 1e-6))``."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def total_norm(
+    tensors: Sequence[Tensor],
+    *,
+    all_reduce: Callable[[Tensor], None] | None = None,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The L2 norm of all ``tensors`` together, as a 0-dim tensor (float32 or wider).
+
+    Without ``all_reduce`` it is computed as ``torch.nn.utils.clip_grad_norm_`` does (the
+    norm of the per-tensor norms); with it the squared norms of the local shards are
+    summed across processes first.
+    """
+    if len(tensors) == 0:
+        return torch.zeros(())
+    sq = tensor_sq_norms(tensors, foreach=foreach)
+    if all_reduce is not None:
+        total = sq.sum().reshape(1)
+        all_reduce(total)
+        return total[0].sqrt()
+    return torch.linalg.vector_norm(sq.sqrt())
 
 
 def project_(
@@ -215,6 +295,126 @@ def project_(
         if c is None:
             c = by_device[t.device] = coefs.to(t.device, non_blocking=True)
         t.addcmul_(m, c[i], value=-1)
+
+
+class SegmentStats(NamedTuple):
+    """Per-segment sums of one rectification (1-D tensors, one entry per segment), summed
+    across processes when the tensors are shards."""
+
+    dot: Tensor
+    """``<g, m>`` (less the caller's ``dot_offsets``)."""
+    ema_sq_norm: Tensor
+    """``||m||^2``."""
+    grad_sq_norm: Tensor
+    """``||g||^2``, over every tensor of the segment (those without a memory too)."""
+    in_range: Tensor
+    """``True`` where the sums are finite and inside float32's dynamic range (see the
+    module's docstring); always ``True`` for float64 sums."""
+
+
+_COUNTS: dict[tuple[torch.device, torch.dtype, tuple[int, ...]], Tensor] = {}
+
+
+def _counts(numels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Element counts as a tensor on ``device``, made once per layout (no host-to-device
+    copy on later steps)."""
+    key = (device, dtype, numels)
+    t = _COUNTS.get(key)
+    if t is None:
+        if len(_COUNTS) > 256:
+            _COUNTS.clear()
+        t = _COUNTS[key] = torch.tensor([float(n) for n in numels], dtype=dtype, device=device)
+    return t
+
+
+def _per_tensor(
+    tensors: Sequence[Tensor],
+    ema: Sequence[Tensor | None],
+    dtype: torch.dtype | None,
+    foreach: bool | None,
+    numels: Sequence[int] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per tensor: ``<g, m>``, ``||m||^2``, ``||g||^2`` and the element counts of ``m``
+    and ``g`` (zeros where a tensor has no memory)."""
+    have = [i for i, m in enumerate(ema) if m is not None]
+    g_sq = tensor_sq_norms(tensors, foreach=foreach, dtype=dtype)
+    dev = tensors[0].device
+    if have:
+        pm = [ema[i] for i in have]
+        d = tensor_dots([tensors[i] for i in have], pm, dtype=dtype)  # type: ignore[arg-type]
+        s = tensor_sq_norms(pm, foreach=foreach, dtype=dtype)  # type: ignore[arg-type]
+        cdtype = _compute_dtype(g_sq.dtype, d.dtype, s.dtype)
+        g_sq, d, s = g_sq.to(cdtype), d.to(cdtype), s.to(cdtype)
+        if len(have) == len(tensors):
+            dots, m_sq = d, s
+        else:
+            zero = g_sq.new_zeros(())
+            dl: list[Tensor] = [zero] * len(tensors)
+            sl: list[Tensor] = [zero] * len(tensors)
+            for j, i in enumerate(have):
+                dl[i], sl[i] = d[j], s[j]
+            dots, m_sq = torch.stack(dl), torch.stack(sl)
+    else:
+        dots = m_sq = torch.zeros_like(g_sq)
+    cdtype = g_sq.dtype
+    sizes = tuple(numels) if numels is not None else tuple(t.numel() for t in tensors)
+    n_g = _counts(sizes, cdtype, dev)
+    n_m = _counts(tuple(0 if m is None else n for m, n in zip(ema, sizes)), cdtype, dev)
+    return dots, m_sq, g_sq, n_m, n_g
+
+
+def _in_range(dot: Tensor, m_sq: Tensor, g_sq: Tensor, n_m: Tensor, n_g: Tensor) -> Tensor:
+    """Where float32 sums can be trusted: finite, and no sum made of subnormal squares."""
+    finite = torch.isfinite(dot) & torch.isfinite(m_sq) & torch.isfinite(g_sq)
+    if dot.dtype == torch.float64:
+        return finite
+    # A non-zero sum below n * FLT_MIN may be made of subnormal products; a zero sum with
+    # a non-zero dot product means every square underflowed.
+    m_ok = torch.where(m_sq == 0, dot == 0, m_sq >= n_m * _TINY32)
+    g_ok = torch.where(g_sq == 0, dot == 0, g_sq >= n_g * _TINY32)
+    return finite & m_ok & g_ok
+
+
+def segment_stats(
+    tensors: Sequence[Tensor],
+    ema: Sequence[Tensor | None],
+    segments: Sequence[int] | None,
+    *,
+    dot_offsets: Tensor | None = None,
+    all_reduce: Callable[[Tensor], None] | None = None,
+    foreach: bool | None = None,
+    numels: Sequence[int] | None = None,
+) -> SegmentStats:
+    """The sums every rule needs, per segment (``segments`` as in :func:`segment_sum`).
+
+    ``ema[i]`` may be ``None`` (a tensor without a memory: it adds to ``||g||^2`` only).
+    ``dot_offsets`` (one entry per tensor) is subtracted from the dot products. With
+    ``all_reduce`` the partial sums of every process are added with one collective on
+    one packed tensor (``[dot, ||m||^2, ||g||^2]`` per segment; a second one on the CPU
+    when a segment needs the float64 recomputation). ``numels`` gives each tensor's
+    element count when the tensors are shards of larger ones (the range check uses it).
+    """
+    if len(tensors) != len(ema):
+        raise ValueError(f"segment_stats: {len(tensors)} tensors but {len(ema)} buffers")
+
+    def sums(dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+        dots, m_sq, g_sq, n_m, n_g = _per_tensor(tensors, ema, dtype, foreach, numels)
+        if dot_offsets is not None:
+            dots = dots - dot_offsets.to(dots)
+        packed = torch.stack([segment_sum(v, segments) for v in (dots, m_sq, g_sq)])
+        if all_reduce is not None:
+            all_reduce(packed)
+        counts = torch.stack([segment_sum(n_m, segments), segment_sum(n_g, segments)])
+        return packed, counts
+
+    packed, counts = sums(None)
+    ok = _in_range(*packed.unbind(), *counts.unbind())
+    if packed.dtype == torch.float32 and packed.device.type == "cpu" and not bool(ok.all()):
+        # Reading a flag costs nothing on the CPU: recompute exactly instead of skipping.
+        # Every process sees the same reduced flags, so all take this branch together.
+        packed, _ = sums(torch.float64)
+        ok = torch.isfinite(packed).all(0)
+    return SegmentStats(packed[0], packed[1], packed[2], ok)
 
 
 def segment_dots(
@@ -290,9 +490,9 @@ def rectify_(
     if n == 0:
         z = torch.zeros(0)
         return RectifyResult(z, z, z)
-    seg_dot, seg_sq, _ = segment_dots(
+    stats = segment_stats(
         grads, ema, segments, dot_offsets=dot_offsets, all_reduce=all_reduce, foreach=foreach
     )
-    coef = conflict_coefficients(seg_dot, seg_sq)
+    coef = conflict_coefficients(stats.dot, stats.ema_sq_norm)
     project_(grads, ema, expand_segments(coef, segments, n), foreach=foreach)
-    return RectifyResult(seg_dot, seg_sq, coef)
+    return RectifyResult(stats.dot, stats.ema_sq_norm, coef)

@@ -1,115 +1,63 @@
-"""``GRUOptimizer``: the stateful shell around the functional core."""
+"""``GRUOptimizer``: the stateful shell that orchestrates one GRU step.
+
+A step has four parts, each in its own module: the retain side folds the retain gradient
+into the memory (:mod:`._memory`), the forget side asks the rule (:mod:`._rules`) to
+rectify the forget gradient over the segments of the partition (:mod:`._partition`),
+summing across processes at one boundary (:mod:`._reduce`), with gradient scaling at
+another (:mod:`._amp`); then the inner optimizer steps (:mod:`._inner`) and the
+statistics are recorded (:mod:`._stats`). ``docs/design.md`` draws it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._functional import (
-    conflict_coefficients,
-    ema_update_,
-    expand_segments,
-    project_,
-    segment_dots,
-    tensor_dots,
-    tensor_sq_norms,
+from ._amp import AmpBoundary
+from ._functional import clip_coefficient, tensor_dots, tensor_sq_norms, total_norm
+from ._checkpoint import load_state, save_state
+from ._groups import (
+    GAMMA_KEY,
+    RETAIN_WEIGHT_KEY,
+    Hyper,
+    check_gamma,
+    check_retain_weight,
+    fill_groups,
+    read_groups,
+    real,
 )
+from ._inner import needs_closure, step_inner
+from ._memory import EMA_KEY, RetainMemory
+from ._partition import PARTITIONS, Granularity, Layout, group_of_segments
+from ._pending import GradWatch, Pending, RetainPass, signature
+from ._reduce import Reducer, local
+from ._rules import CosClip, Projection, Rule
+from ._spaces import SPACES, closure_driven_step
+from ._stats import SkipReason, plain_stats, reason_of, step_stats
 
 __all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
 
-EMA_KEY = "gru_ema"
-"""Key of the retain memory in each parameter's entry of ``state_dict()["state"]``."""
-
 Closure = Callable[[], Any]
-Granularity = Literal["global", "tensor", "group"]
-Space = Literal["gradient", "update"]
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, the tensor itself otherwise (shares storage)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
-def _sharded_group(params: list[Tensor]) -> Any:
-    """The process group over which dot products of sharded parameters are partial sums.
-
-    ``None`` when no parameter is a sharded DTensor (plain tensors, or DDP replicas whose
-    gradients are already all-reduced).
-    """
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    group = None
-    for p in params:
-        if isinstance(p, DTensor):
-            if not any(isinstance(pl, Shard) for pl in p.placements):
-                raise NotImplementedError(
-                    "GRUOptimizer supports DTensor parameters sharded on one mesh "
-                    f"dimension (FSDP2); got placements {p.placements}"
-                )
-            if p.device_mesh.ndim != 1:
-                raise NotImplementedError("GRUOptimizer supports 1-D device meshes (FSDP2)")
-            g = p.device_mesh.get_group()
-            if group is not None and g is not group:
-                raise NotImplementedError("all sharded parameters must share one device mesh")
-            group = g
-    return group
-
-
-def _signature(params: list[Tensor]) -> list[tuple[int, int]]:
-    """Identity and version counter of each parameter's gradient: changes on backward.
-
-    The version is the local tensor's: FSDP2 accumulates into ``grad._local_tensor`` in
-    place, which leaves the DTensor wrapper's own counter unchanged.
-    """
-    out = []
-    for p in params:
-        g = p.grad
-        out.append((0, -1) if g is None else (id(g), _local(g)._version))
-    return out
-
-
-class _RetainGradients:
-    """Stands for the retain gradient in ``GradScaler.unscale_`` (which keys its
-    bookkeeping by object and reads only ``param_groups``)."""
-
-    def __init__(self, owner: Optimizer) -> None:
-        self._owner = owner
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self._owner.param_groups
-
-
-class RetainPass:
-    """Handle yielded by :meth:`GRUOptimizer.retain_pass`."""
-
-    def __init__(self, loss: Tensor | None = None) -> None:
-        self.loss: Tensor | None = None if loss is None else loss.detach()
-
-    def record(self, loss: Tensor) -> None:
-        """Add ``loss`` (detached) to the retain loss reported in ``last_stats``; call it
-        once per micro-batch to report their sum."""
-        loss = loss.detach()
-        self.loss = loss if self.loss is None else self.loss + loss
-
-
-@dataclass
-class _RetainRecord:
-    """What a retain pass leaves for the step that consumes it."""
-
-    loss: Tensor | None
-    grad_norm: Tensor
-    nonfinite: bool
-    offsets: dict[Tensor, Tensor] = field(default_factory=dict)
-    signature: list[tuple[int, int]] = field(default_factory=list)
+def _check_loss(loss: Any, what: str) -> Any:
+    """A closure returns its scalar loss (or nothing)."""
+    if loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+        return loss
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the {what} returned a tensor of shape {tuple(loss.shape)}; it must return "
+                "the scalar loss it back-propagated (reduce it with .mean() or .sum())"
+            )
+        return loss
+    raise TypeError(f"the {what} must return its loss (a scalar tensor), got {type(loss).__name__}")
 
 
 class GRUOptimizer(Optimizer):
@@ -125,22 +73,33 @@ class GRUOptimizer(Optimizer):
         optimizer: the optimizer to wrap (an instance). ``param_groups``, ``state`` and
             ``defaults`` are the inner optimizer's own objects.
         gamma: weight of the new retain gradient in the memory, in ``(0, 1]``
-            (``1``: no smoothing). The authors' default is ``0.8``.
+            (``1``: no smoothing). The authors' default is ``0.8``. Stored per parameter
+            group under ``"gru_gamma"``.
         granularity: ``"global"`` (the paper): one dot product over all trainable
             parameters; ``"group"``: one per parameter group; ``"tensor"``: one per
             parameter tensor.
         retain_weight: after rectification add this multiple of the current retain
-            gradient (the authors' ``+ce`` variant). ``0`` adds nothing.
+            gradient (the authors' ``+ce`` variant). ``0`` adds nothing. Stored per
+            parameter group under ``"gru_retain_weight"``.
         space: ``"gradient"`` (the paper) rectifies the gradient before the inner step;
             ``"update"`` rectifies the inner optimizer's actual parameter change, so that
             ``<theta_new - theta_old, m> <= 0`` after the step whatever the
             preconditioning. It keeps one extra parameter-sized buffer (in the
             parameters' dtype).
+        cos_clip: ``None`` (the paper's projection) or a cosine threshold in ``[-1, 0]``:
+            the authors' partial projection, which removes only the part of a conflict
+            beyond that cosine (they use ``-0.5``). Stored per parameter group under
+            ``"gru_cos_clip"``.
+        rule: a :class:`~gru_optim.rules.Rule` instance instead of the two above.
+        max_grad_norm: clip the final gradient (the rectified forget gradient plus what
+            is added after rectification) to this global norm right before the inner
+            step, as the authors' Trainer does; ``None`` does not clip. Clip here, not
+            between ``backward`` and ``step()``.
         ema_dtype: dtype of the memory. ``None``: float32, or the parameter's dtype when
             that is float64. ``torch.bfloat16`` halves its memory.
-        skip_nonfinite: skip a step whose retain or forget gradient is not finite:
-            weights, inner state and memory stay as they were (see :meth:`step`). On an
-            accelerator this costs one host synchronisation per retain pass and one per
+        skip_nonfinite: skip a step when anything it computes is not finite (see
+            :meth:`step`); the reason is in ``last_stats["skip_reason"]``. On an
+            accelerator this costs one host synchronisation per retain side and one per
             step; ``False`` makes the step free of host synchronisation and lets
             non-finite values through as the inner optimizer would.
         foreach: use the multi-tensor (``torch._foreach_*``) kernels; ``None`` picks them
@@ -149,10 +108,9 @@ class GRUOptimizer(Optimizer):
             ``scaler.scale(loss).backward()`` produced the gradients (fp16 training).
             GRU then unscales the retain gradient before it enters the memory and the
             forget gradient before the rectification (each exactly once, through
-            ``scaler.unscale_``; a forget gradient the caller already unscaled, e.g. to
-            clip it, is not unscaled again), and skips a step on overflow whatever
-            ``skip_nonfinite`` says. Call ``opt.step(...)`` or ``scaler.step(opt, ...)``
-            (closures may be positional: they run before anything is unscaled), then
+            ``scaler.unscale_``; a forget gradient the caller already unscaled is not
+            unscaled again), and skips a step on overflow whatever ``skip_nonfinite``
+            says. Call ``opt.step(...)`` or ``scaler.step(opt, ...)``, then
             ``scaler.update()`` once per iteration as usual: GRU never calls it.
 
     Use it with closures::
@@ -171,6 +129,10 @@ class GRUOptimizer(Optimizer):
     optimizer's step.
     """
 
+    # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
+    # unscaling first; GRU unscales itself, after its closures ran (see _amp.py).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -178,7 +140,10 @@ class GRUOptimizer(Optimizer):
         gamma: float = 0.8,
         granularity: Granularity = "global",
         retain_weight: float = 0.0,
-        space: Space = "gradient",
+        space: str = "gradient",
+        cos_clip: float | None = None,
+        rule: Rule | None = None,
+        max_grad_norm: float | None = None,
         ema_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
         foreach: bool | None = None,
@@ -192,47 +157,48 @@ class GRUOptimizer(Optimizer):
                 f"{type(optimizer).__name__}; build the optimizer first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
             )
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-            raise TypeError(f"gamma must be a float in (0, 1], got {gamma!r}")
-        if not 0.0 < float(gamma) <= 1.0:
+        gamma = check_gamma(gamma)
+        retain_weight = check_retain_weight(retain_weight)
+        if granularity not in PARTITIONS:
             raise ValueError(
-                f"gamma must be in (0, 1] (it weighs the new retain gradient), got {gamma}"
+                f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, got {granularity!r}"
             )
-        if granularity not in ("global", "tensor", "group"):
-            raise ValueError(
-                f"granularity must be 'global', 'tensor' or 'group', got {granularity!r}"
-            )
-        if space not in ("gradient", "update"):
+        if space not in SPACES:
             raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
-        if not isinstance(retain_weight, (int, float)) or not retain_weight >= 0.0:
-            raise ValueError(f"retain_weight must be a float >= 0, got {retain_weight!r}")
-        if ema_dtype is not None and not (
-            isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point
-        ):
-            raise ValueError(f"ema_dtype must be a floating dtype or None, got {ema_dtype!r}")
+        if rule is not None and cos_clip is not None:
+            raise ValueError("give cos_clip or rule, not both")
+        if rule is not None and not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a gru_optim.rules.Rule, got {type(rule).__name__}")
+        self._rule: Rule = rule or (CosClip(cos_clip) if cos_clip is not None else Projection())
+        if max_grad_norm is not None:
+            max_grad_norm = real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+        for name, flag in (("skip_nonfinite", skip_nonfinite),):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         self._inner = optimizer
-        self.gamma = float(gamma)
-        self.granularity: Granularity = granularity
-        self.retain_weight = float(retain_weight)
-        self.space: Space = space
-        self.ema_dtype = ema_dtype
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self._memory = RetainMemory(ema_dtype)
+        self._amp = AmpBoundary(grad_scaler, self)
+        self.granularity: str = granularity
+        self.space: str = space
+        self.max_grad_norm: float | None = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
         self.foreach = foreach
-        if grad_scaler is not None and not (
-            callable(getattr(grad_scaler, "unscale_", None))
-            and callable(getattr(grad_scaler, "is_enabled", None))
-        ):
-            raise TypeError(
-                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
-        self.grad_scaler = grad_scaler
-        # What the scaler sees as the owner of the retain gradient (the GRU optimizer owns
-        # the forget gradient): two unscale_ calls per iteration, both counted by update().
-        self._retain_owner = _RetainGradients(self)
-        self._ema: dict[Tensor, Tensor] = {}
-        self._update_buffers: dict[Tensor, Tensor] = {}
-        self._pending: _RetainRecord | None = None
+        self._hdefaults: dict[str, Any] = {
+            GAMMA_KEY: gamma,
+            RETAIN_WEIGHT_KEY: retain_weight,
+            **self._rule.defaults(),
+        }
+        self._closure_driven = needs_closure(optimizer)
+        self._update_buffers: dict[Any, Tensor] = {}
+        self._pending: Pending | None = None
+        self._warned_dropped = False
+        self._in_forget_closure = False
+        self._in_retain_pass = False
         self.last_stats: dict[str, Tensor] = {}
+        fill_groups(optimizer.param_groups, self._hdefaults)
+        self._check_combinations(self._read_hyper())
         # Optimizer.__init__ installs the hook dictionaries and patches step for hooks and
         # profiling; while it runs, its writes to param_groups/state/defaults are ignored
         # (they belong to the inner optimizer).
@@ -276,52 +242,76 @@ class GRUOptimizer(Optimizer):
             self._inner.defaults = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the inner optimizer."""
+        """Add a parameter group to the inner optimizer (GRU's keys default to the values
+        this optimizer was built with)."""
         if self.__dict__.get("_initializing", False):
             return
         self._inner.add_param_group(param_group)
+        fill_groups(self._inner.param_groups, self._hdefaults)
+        self._check_combinations(self._read_hyper())
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used.
+    # ------------------------------------------------------------------ hyperparameters
+    def _uniform(self, key: str) -> Any:
+        values = [g.get(key, self._hdefaults[key]) for g in self.param_groups]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"{key} differs between parameter groups; read param_groups[i][{key!r}]")
+        return values[0]
 
-        Inside the forget closure of ``step(forget_closure, retain_closure)`` and before
-        its ``backward`` (closures written the torch way, ``zero_grad()`` first), it leaves
-        the gradients alone: they hold only what the retain pass left (nothing, or
-        ``retain_weight`` times the retain gradient), which the step still needs.
-        """
-        pending = self._pending
-        if (
-            pending is not None
-            and self.__dict__.get("_in_forget_closure", False)
-            and _signature(self._params()) == pending.signature
-        ):
-            return
-        self._pending = None
-        self._inner.zero_grad(set_to_none=set_to_none)
+    @property
+    def gamma(self) -> float:
+        """``gamma`` of every parameter group (set it to change all of them)."""
+        return float(self._uniform(GAMMA_KEY))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
-        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
-        # ``_opt_called``): a copy must step itself, not the original.
-        return {
-            k: v
-            for k, v in self.__dict__.items()
-            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
-        }
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        value = check_gamma(value)
+        for g in self.param_groups:
+            g[GAMMA_KEY] = value
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["_initializing"] = False
-        super().__setstate__(state)
+    @property
+    def retain_weight(self) -> float:
+        """``retain_weight`` of every parameter group (set it to change all of them)."""
+        return float(self._uniform(RETAIN_WEIGHT_KEY))
 
-    def __repr__(self) -> str:
-        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
-        return (
-            f"GRUOptimizer(gamma={self.gamma}, granularity={self.granularity!r}, "
-            f"retain_weight={self.retain_weight}, space={self.space!r},\n{inner}\n)"
-        )
+    @retain_weight.setter
+    def retain_weight(self, value: float) -> None:
+        value = check_retain_weight(value)
+        self._check_combinations([Hyper(1.0, value, {})])
+        for g in self.param_groups:
+            g[RETAIN_WEIGHT_KEY] = value
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def rule(self) -> Rule:
+        """The rectification rule."""
+        return self._rule
+
+    @property
+    def ema_dtype(self) -> torch.dtype | None:
+        return self._memory.dtype
+
+    @property
+    def grad_scaler(self) -> Any:
+        return self._amp.scaler
+
+    def _read_hyper(self) -> list[Hyper]:
+        checks = {k: (lambda v, where, k=k: self._rule.check(k, v, where)) for k in self._rule.hyperparameters}
+        return read_groups(self._inner.param_groups, self._hdefaults, checks)
+
+    def _check_combinations(self, hypers: list[Hyper]) -> None:
+        weighted = any(h.retain_weight != 0.0 for h in hypers)
+        if weighted and isinstance(self._rule, CosClip):
+            raise ValueError(
+                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
+                "separate from a retain_weight term kept in .grad: use retain_weight=0 "
+                "with cos_clip"
+            )
+        if self._closure_driven and (weighted or self._amp.scaler is not None):
+            raise ValueError(
+                f"{type(self._inner).__name__} re-evaluates its closure inside step(): GRU "
+                "supports it with retain_weight=0 and without grad_scaler"
+            )
+
+    # ------------------------------------------------------------------ parameters
     def _params(self) -> list[Tensor]:
         seen: set[int] = set()
         out = []
@@ -332,7 +322,20 @@ class GRUOptimizer(Optimizer):
                     out.append(p)
         return out
 
-    def _check_grads(self, params: list[Tensor]) -> None:
+    def _trainable(self) -> list[Tensor]:
+        """The parameters GRU acts on: a frozen one (``requires_grad=False``) never gets
+        a gradient from GRU and never enters a fold or a dot product."""
+        return [p for p in self._params() if p.requires_grad]
+
+    def _group_index(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for i, group in enumerate(self._inner.param_groups):
+            for p in group["params"]:
+                out.setdefault(id(p), i)
+        return out
+
+    @staticmethod
+    def _check_grads(params: list[Tensor]) -> None:
         for p in params:
             g = p.grad
             if g is None:
@@ -348,506 +351,519 @@ class GRUOptimizer(Optimizer):
                     "defined for real gradients; view them with torch.view_as_real"
                 )
 
-    def _ema_dtype_for(self, p: Tensor) -> torch.dtype:
-        if self.ema_dtype is not None:
-            return self.ema_dtype
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+    def _checking(self) -> bool:
+        return self.skip_nonfinite or self._amp.enabled
 
-    def _new_ema(self, p: Tensor) -> Tensor:
-        return torch.zeros_like(p, dtype=self._ema_dtype_for(p), memory_format=torch.preserve_format)
+    # ------------------------------------------------------------------ zero_grad, pickling
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used
+        (with a warning, once).
 
-    @staticmethod
-    def _all_reduce_fn(group: Any) -> Callable[[Tensor], None] | None:
-        if group is None:
-            return None
-        import torch.distributed as dist
+        Inside the forget closure of ``step(forget_closure, retain_closure)`` and before
+        its ``backward`` (closures written the torch way, ``zero_grad()`` first), it leaves
+        the gradients alone: they hold only what the retain side left (nothing, or
+        ``retain_weight`` times the retain gradient), which the step still needs.
+        """
+        pending = self._pending
+        if pending is not None:
+            if self._in_forget_closure and signature(self._trainable()) == pending.signature:
+                return
+            if not self._warned_dropped:
+                self._warned_dropped = True
+                warnings.warn(
+                    "zero_grad() discarded a retain pass that no step() used: the next step "
+                    "is a plain, unrectified step (last_stats['rectified'] is False). Call "
+                    "zero_grad() before the retain pass, not between it and step().",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._discard_pending()
+        self._inner.zero_grad(set_to_none=set_to_none)
 
-        def reduce(t: Tensor) -> None:
-            dist.all_reduce(t, group=group)
+    def _discard_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.close()
+        self._pending = None
 
-        return reduce
+    def __getstate__(self) -> dict[str, Any]:
+        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
+        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
+        # ``_opt_called``): a copy must step itself, not the original. A pending retain
+        # pass (autograd hooks on the original's parameters) is not copied either.
+        return {
+            k: (None if k == "_pending" else v)
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
+        }
 
-    # ------------------------------------------------------------------ loss scaling
-    # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
-    # unscaling first; GRU unscales itself, after its closures ran.
-    _step_supports_amp_scaling = True
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_initializing"] = False
+        super().__setstate__(state)
 
-    def _scaling(self) -> bool:
-        return self.grad_scaler is not None and bool(self.grad_scaler.is_enabled())
-
-    def _checks_nonfinite(self) -> bool:
-        return self.skip_nonfinite or self._scaling()
-
-    def _unscale(self, owner: Any) -> None:
-        """Unscale the gradients now in ``.grad`` once, on behalf of ``owner``."""
-        if not self._scaling():
-            return
-        states = getattr(self.grad_scaler, "_per_optimizer_states", {})
-        if owner is self and id(self) in states:
-            stage = getattr(states[id(self)].get("stage"), "name", None)
-            if stage == "UNSCALED":
-                return  # the caller already unscaled the forget gradient
-        try:
-            self.grad_scaler.unscale_(owner)
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{e} With GRUOptimizer(grad_scaler=scaler) call scaler.update() once per "
-                "iteration, after opt.step() (or scaler.step(opt))."
-            ) from e
-
-    def _grads_nonfinite(self, params: list[Tensor]) -> bool:
-        with torch.no_grad():
-            with_grad = [p for p in params if p.grad is not None]
-            sq = tensor_sq_norms([_local(p.grad) for p in with_grad], foreach=self.foreach)  # type: ignore[arg-type]
-            total = sq.sum() if sq.numel() else torch.zeros(())
-            group = _sharded_group(with_grad)
-            if group is not None:
-                self._all_reduce_fn(group)(total)  # type: ignore[misc]
-            return self._nonfinite(total)
-
-    def _nonfinite(self, sq_total: Tensor) -> bool:
-        """The one host read GRU makes (only with ``skip_nonfinite``)."""
-        return not bool(torch.isfinite(sq_total))
-
-    @staticmethod
-    def _check_callable(name: str, fn: Any) -> None:
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
+        return (
+            f"GRUOptimizer(rule={self._rule.name}, granularity={self.granularity!r}, "
+            f"space={self.space!r}, max_grad_norm={self.max_grad_norm},\n{inner}\n)"
+        )
 
     # ------------------------------------------------------------------ retain side
     @contextlib.contextmanager
     def retain_pass(self, loss: Tensor | None = None) -> Iterator[RetainPass]:
         """Context in which the retain loss is back-propagated (the closure-free path).
 
-        On exit the retain gradient (everything accumulated inside, so micro-batches may
-        loop in it) is folded into the memory and the gradients are set to ``None``, ready for the
-        forget loss's ``backward`` and :meth:`step`. The losses given as ``loss`` or to the
-        yielded handle's :meth:`RetainPass.record` (summed) are only recorded for
-        :attr:`last_stats`::
+        On entry the gradients are cleared (what is there belongs to no pass of this
+        step). On exit the retain gradient (everything accumulated inside, so
+        micro-batches may loop in it) is folded into the memory and the gradients are set
+        to ``None``, ready for the forget loss's ``backward`` and :meth:`step`. The
+        losses given as ``loss`` or to the yielded handle's :meth:`RetainPass.record`
+        (summed) are only recorded for :attr:`last_stats`::
 
             with opt.retain_pass() as rp:
                 loss = retain_loss_fn()
                 loss.backward()
                 rp.record(loss)
         """
-        if self._pending is not None or self.__dict__.get("_in_retain_pass", False):
+        if self._closure_driven:
+            raise RuntimeError(
+                f"{type(self._inner).__name__} needs closures: use "
+                "opt.step(forget_closure, retain_closure) instead of retain_pass()"
+            )
+        if self._pending is not None or self._in_retain_pass:
             raise RuntimeError(
                 "retain_pass entered twice before step(): put all retain micro-batches in "
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
-        params = self._params()
-        before = _signature(params)
-        handle = RetainPass(loss)
+        hypers = self._read_hyper()
+        handle = RetainPass(_check_loss(loss, "retain_pass loss") if loss is not None else None)
         self._in_retain_pass = True
         try:
-            yield handle
+            with self._retain_side(hypers, "no gradient was computed inside retain_pass(): "
+                                   "call backward on the retain loss inside the with-block") as record:
+                yield handle
+                record(handle.loss)
         finally:
             self._in_retain_pass = False
-        if _signature(params) == before:
-            raise RuntimeError(
-                "no gradient was computed inside retain_pass(): call backward on the retain "
-                "loss inside the with-block"
-            )
-        self._fold_retain(params, handle.loss)
 
-    def _fold_retain(self, params: list[Tensor], loss: Any) -> None:
+    @contextlib.contextmanager
+    def post_pass(self) -> Iterator[None]:
+        """Context for a gradient added after rectification, unprojected (the authors'
+        ``+KL``), in the closure-free path: between :meth:`retain_pass` and the forget
+        loss's ``backward``::
+
+            with opt.retain_pass():
+                retain_nll.backward()
+            with opt.post_pass():
+                (kl_weight * retain_kl).backward()
+            forget_loss.backward()
+            opt.step()
+
+        The memory keeps only the retain pass's gradient. No extra buffer: the post
+        gradient stays in ``.grad`` and the rule rectifies only what the forget backward
+        adds on top (``retain_weight`` is the special case of ``retain_weight`` times the
+        retain gradient). An exception inside discards the retain pass.
+        """
+        try:
+            with self._post_side() as record:
+                yield
+                record(None)
+        except BaseException:
+            self._discard_pending()
+            raise
+
+    @contextlib.contextmanager
+    def _retain_side(self, hypers: list[Hyper], no_grad: str) -> Iterator[Callable[[Any], None]]:
+        """Clear stale gradients, let the caller back-propagate the retain loss, fold.
+
+        Gradients present when the retain side starts belong to no pass of this step (a
+        previous step's, or a forget backward run too early): they are cleared as
+        ``zero_grad(set_to_none=True)`` clears them, so the memory only ever receives the
+        retain loss's gradient.
+        """
+        params = self._trainable()
+        for p in params:
+            p.grad = None
+        losses: list[Any] = []
+        yield losses.append
+        if all(p.grad is None for p in params):
+            raise RuntimeError(no_grad)
+        self._fold(params, losses[0] if losses else None, hypers)
+
+    @contextlib.contextmanager
+    def _post_side(self) -> Iterator[Callable[[Any], None]]:
+        pending = self._pending
+        params = self._trainable()
+        if pending is None:
+            raise RuntimeError(
+                "a post-rectification pass needs a retain side first: retain_pass() (or a "
+                "retain_closure), then the post pass, then the forget backward and step()"
+            )
+        if isinstance(self._rule, CosClip):
+            raise ValueError(
+                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
+                "separate from a post-rectification gradient kept in .grad"
+            )
+        if signature(params) != pending.signature:
+            raise RuntimeError(
+                "the post-rectification pass must run right after the retain side and "
+                "before the forget backward (the gradients changed since the retain side)"
+            )
+        losses: list[Any] = []
+        yield losses.append
+        if signature(params) == pending.signature:
+            raise RuntimeError(
+                "the post-rectification pass computed no gradient: call backward on its loss"
+            )
         self._check_grads(params)
-        self._unscale(self._retain_owner)
+        pending.post = True
+        if losses and losses[0] is not None:
+            pending.extra["post_loss"] = losses[0]
+        self._keep_in_grad(params, pending)
+
+    def _fold(self, params: list[Tensor], loss: Any, hypers: list[Hyper]) -> None:
+        """Fold the retain gradient now in ``.grad`` into the memory and leave the step's
+        record in ``self._pending``."""
+        self._check_grads(params)
+        self._amp.unscale_retain()
+        gi = self._group_index()
         with torch.no_grad():
             with_grad = [p for p in params if p.grad is not None]
-            grads = [_local(p.grad) for p in with_grad]  # type: ignore[arg-type]
-            group = _sharded_group(with_grad)
-            sq = tensor_sq_norms(grads, foreach=self.foreach)
-            total = sq.sum() if sq.numel() else torch.zeros(())
-            if group is not None and self._checks_nonfinite():
-                self._all_reduce_fn(group)(total)  # type: ignore[misc]
-            nonfinite = self._checks_nonfinite() and self._nonfinite(total)
-            offsets: dict[Tensor, Tensor] = {}
-            if not nonfinite:
-                for p in with_grad:
-                    if p not in self._ema:
-                        self._ema[p] = self._new_ema(p)
-                emas = [_local(self._ema[p]) for p in with_grad]
-                ema_update_(emas, grads, self.gamma, foreach=self.foreach)
-                present = {id(p) for p in with_grad}
-                absent = [p for p in self._ema if id(p) not in present]
-                if self.gamma == 1.0:
-                    # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded
-                    # checkpoint reads an all-zero memory (see load_state_dict).
-                    for p in absent:
-                        del self._ema[p]
-                elif absent:
-                    torch._foreach_mul_([_local(self._ema[p]) for p in absent], 1.0 - self.gamma)
-                if self.retain_weight != 0.0:
-                    d = tensor_dots(grads, emas) * self.retain_weight
-                    offsets = dict(zip(with_grad, d.unbind()))
-            if self.retain_weight != 0.0:
-                factor: Any = self.retain_weight
-                if self._scaling() and grads:
-                    # The forget backward adds scaled gradients on top: keep this part
-                    # scaled too, so that one unscale_ of the sum is right.
-                    factor = self.grad_scaler.scale(
-                        torch.full((), self.retain_weight, device=grads[0].device)
-                    )
-                torch._foreach_mul_(grads, factor)
-            else:
-                # Cleared the way zero_grad(set_to_none=True) clears them: no write pass,
-                # and the forget backward then stores its gradient instead of adding it
-                # to zeros. DDP re-points them at its buckets, FSDP2 re-creates them.
-                for p in with_grad:
-                    p.grad = None
-            self._pending = _RetainRecord(
-                loss=loss.detach() if isinstance(loss, Tensor) else None,
+            grads = [local(p.grad) for p in with_grad]  # type: ignore[arg-type]
+            device = grads[0].device
+            total = tensor_sq_norms(grads, foreach=self.foreach).sum()
+            reason = torch.zeros((), dtype=torch.long, device=device)
+            if self._checking():
+                risk = self._memory.overflow_risk(with_grad, grads)
+                packed = torch.stack([total] + ([risk.to(total)] if risk is not None else []))
+                Reducer.for_params(with_grad).sum_(packed)
+                total = packed[0]
+                reason = reason_of(
+                    (~torch.isfinite(total), SkipReason.RETAIN_NONFINITE),
+                    (packed[-1] > 0 if risk is not None else total < 0, SkipReason.MEMORY_OVERFLOW),
+                    device=device,
+                )
+            if not self._skip(reason):  # the retain side's one host read
+                gamma = {id(p): hypers[gi[id(p)]].gamma for p in params}
+                self._memory.fold_(with_grad, grads, params, gamma, foreach=self.foreach)
+            pending = Pending(
+                loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
                 grad_norm=total.sqrt(),
-                nonfinite=nonfinite,
-                offsets=offsets,
-                signature=_signature(params),
+                reason=reason,
             )
+            by_weight: dict[float, list[Tensor]] = {}
+            for p in with_grad:
+                w = hypers[gi[id(p)]].retain_weight
+                if w == 0.0:
+                    # Cleared the way zero_grad(set_to_none=True) clears them: no write
+                    # pass, and the forget backward then stores its gradient instead of
+                    # adding it to zeros. DDP re-points them at its buckets, FSDP2
+                    # re-creates them.
+                    p.grad = None
+                else:
+                    by_weight.setdefault(w, []).append(local(p.grad))  # type: ignore[arg-type]
+            for w, gs in by_weight.items():
+                # Kept scaled like the gradients a scaled forget backward adds on top, so
+                # that one unscale of the sum is right.
+                torch._foreach_mul_(gs, self._amp.scaled(w, device))
+            self._pending = pending
+            if by_weight:
+                self._keep_in_grad(params, pending)
+            else:
+                pending.signature = signature(params)
+
+    def _keep_in_grad(self, params: list[Tensor], pending: Pending) -> None:
+        """Part of the final gradient stays in ``.grad`` through the forget backward:
+        record its dot products with the memory, and watch for in-place changes."""
+        pending.close()
+        if SPACES[self.space].keeps_offsets:
+            with torch.no_grad():
+                kept = [p for p in params if p.grad is not None and p in self._memory]
+                if kept:
+                    d = tensor_dots([local(p.grad) for p in kept], self._memory.locals(kept))  # type: ignore[arg-type,misc]
+                    inv = self._amp.inv_scale(d.device)
+                    pending.offsets = dict(zip(kept, (d if inv is None else d * inv.to(d)).unbind()))
+            pending.watch = GradWatch(params)
+        pending.signature = signature(params)
 
     # ------------------------------------------------------------------ step
     def step(  # type: ignore[override]
         self,
         closure: Closure | None = None,
         retain_closure: Closure | None = None,
+        post_closure: Closure | None = None,
     ) -> Any:
         """One optimizer step.
 
-        - ``step(forget_closure, retain_closure)``: runs the retain closure, folds its
-          gradient into the memory, clears the gradients (to ``None``; with
-          ``retain_weight`` they keep that multiple of the retain gradient), runs the forget closure,
-          rectifies the gradients in place and steps the inner optimizer. Each closure
-          computes its loss, calls ``backward`` and returns the loss. Returns the forget
-          loss.
+        - ``step(forget_closure, retain_closure)``: clears the gradients, runs the retain
+          closure, folds its gradient into the memory, clears the gradients again (with
+          ``retain_weight`` they keep that multiple of the retain gradient), runs
+          ``post_closure`` if given (a gradient added after rectification, unprojected:
+          the authors' ``+KL``), runs the forget closure, rectifies the gradients in
+          place, clips them (``max_grad_norm``) and steps the inner optimizer. Each
+          closure computes its loss, calls ``backward`` and returns the loss. Returns the
+          forget loss.
         - ``step()`` (or ``step(forget_closure)``) after a :meth:`retain_pass`: rectifies
           the gradients present now (computed by ``forget_closure`` if given) and steps.
-        - ``step()`` / ``step(closure)`` otherwise: exactly the inner optimizer's step.
+        - ``step()`` / ``step(closure)`` otherwise: exactly the inner optimizer's step
+          (``last_stats["rectified"]`` is ``False``).
 
-        A step whose retain or forget gradient is not finite (with ``skip_nonfinite``)
-        leaves the weights and the inner state untouched and says so in
-        ``last_stats["skipped"]``. The memory is left untouched when the retain gradient
-        is not finite; when only the forget gradient is, the memory keeps this step's
-        (finite) retain gradient, measured at the unchanged weights.
+        A step is skipped (with ``skip_nonfinite``, or always under a gradient scaler)
+        when anything it computes is not finite or out of range: the retain or forget
+        gradient, the memory, a dot product, a coefficient. The weights and the inner
+        state are then untouched and ``last_stats["skip_reason"]`` says why
+        (:class:`~gru_optim.SkipReason`). The memory is left untouched when the retain
+        gradient is the cause; otherwise it keeps this step's (finite) retain gradient,
+        measured at the unchanged weights.
 
-        Errors are raised before the weights or the inner state change. An error about
-        the retain side (no gradient, sparse or complex gradients) leaves the memory
-        untouched too; one found after the retain gradient was folded in (a forget
-        closure that computes no gradient) leaves the memory holding it, as above:
-        undoing the fold would need a second parameter-sized buffer.
+        Errors are raised before the weights or the inner state change, and leave the
+        optimizer ready for the same call again. An error found after the retain
+        gradient was folded in (a forget closure that raises or computes no gradient)
+        leaves the memory holding that fold: a retry folds the retain gradient of the
+        same weights once more (one more step of the moving average). Undoing the fold
+        would need a second parameter-sized buffer.
         """
-        self._check_callable("closure", closure)
-        self._check_callable("retain_closure", retain_closure)
-        if retain_closure is not None:
-            if self._pending is not None:
-                raise RuntimeError(
-                    "step() got a retain_closure after a retain_pass(); use one or the other"
-                )
-            params = self._params()
-            before = _signature(params)
+        for name, fn in (("closure", closure), ("retain_closure", retain_closure),
+                         ("post_closure", post_closure)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
+        self._amp.reject_scaler_step(self)
+        if retain_closure is None and post_closure is None and self._pending is None:
+            return self._plain_step(closure)
+        if retain_closure is not None and self._pending is not None:
+            raise RuntimeError("step() got a retain_closure after a retain_pass(); use one or the other")
+        hypers = self._read_hyper()
+        self._check_combinations(hypers)
+        try:
+            if retain_closure is not None:
+                with self._retain_side(hypers, "the retain closure computed no gradient: it must "
+                                       "call loss.backward() and return the loss") as record, torch.enable_grad():
+                    record(_check_loss(retain_closure(), "retain closure"))
+            if self._closure_driven:
+                if closure is None:
+                    raise RuntimeError(
+                        f"{type(self._inner).__name__} needs the forget closure: "
+                        "opt.step(forget_closure, retain_closure)"
+                    )
+                return self._closure_driven_step(closure, hypers)
+            if post_closure is not None:
+                with self._post_side() as record, torch.enable_grad():
+                    record(_check_loss(post_closure(), "post_closure"))
+            pending = self._pending
+            assert pending is not None
+            loss = self._run_forget(closure) if closure is not None else None
+            self._forget_side(pending, loss, hypers)
+            return loss
+        finally:
+            self._discard_pending()
+
+    def _run_forget(self, closure: Closure) -> Any:
+        self._in_forget_closure = True
+        try:
             with torch.enable_grad():
-                retain_loss = retain_closure()
-            if _signature(params) == before:
-                raise RuntimeError(
-                    "the retain closure computed no gradient: it must call loss.backward() "
-                    "and return the loss"
-                )
-            self._fold_retain(params, retain_loss)
-        if "found_inf" in self.__dict__ and self.grad_scaler is None:
-            # Set by GradScaler.step, which deletes them only after a successful step.
-            self.__dict__.pop("found_inf", None)
-            self.__dict__.pop("grad_scale", None)
-            raise RuntimeError(
-                "GradScaler.step() got a GRUOptimizer built without grad_scaler=: build it "
-                "with GRUOptimizer(inner, grad_scaler=scaler) so that the retain gradient is "
-                "unscaled before it enters the memory"
-            )
-        if self._pending is None:
-            if not self._scaling():
-                return self._inner.step(closure) if closure is not None else self._inner.step()
-            plain_loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    plain_loss = closure()
-            params = self._params()
-            self._check_grads(params)
-            self._unscale(self)
-            if not self._grads_nonfinite(params):
-                self._inner.step()
-            return plain_loss
-        pending = self._pending
-        params = self._params()
+                return _check_loss(closure(), "forget closure")
+        finally:
+            self._in_forget_closure = False
+
+    def _plain_step(self, closure: Closure | None) -> Any:
+        """No retain side: the inner optimizer's step (skipped on a scaler overflow)."""
+        params = self._trainable()
+        clipping = self.max_grad_norm is not None
+        if not self._amp.enabled:
+            out = step_inner(self._inner, closure)
+            self.last_stats = plain_stats(self._stats_device(params), out, clipping=clipping)
+            return out
         loss = None
         if closure is not None:
-            self._in_forget_closure = True
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            finally:
-                self._in_forget_closure = False
-        if _signature(params) == pending.signature:
-            self._pending = None
-            raise RuntimeError(
-                "no forget gradient: the forget closure (or the code before step()) must "
-                "call backward on the forget loss"
-            )
-        self._pending = None
+            with torch.enable_grad():
+                loss = closure()
         self._check_grads(params)
-        self._unscale(self)
-        self._rectify_and_step(params, pending, loss)
+        self._amp.unscale_forget()
+        device = self._stats_device(params)
+        found = self._amp.found_inf(device)
+        reason = reason_of((found, SkipReason.SCALER_OVERFLOW), device=device)  # type: ignore[arg-type]
+        if not bool(reason != 0):
+            step_inner(self._inner)
+        self.last_stats = plain_stats(device, loss, reason, clipping=clipping)
         return loss
 
-    def _rectify_and_step(self, params: list[Tensor], pending: _RetainRecord, loss: Any) -> None:
-        with torch.no_grad():
-            # Parameters with a memory but no forget gradient take their share of the
-            # correction: their forget gradient is zero.
-            for p in params:
-                if p.grad is None and p in self._ema:
-                    p.grad = torch.zeros_like(p)
-            with_grad = [p for p in params if p.grad is not None]
-            grads_all = [_local(p.grad) for p in with_grad]  # type: ignore[arg-type]
-            paired = [p for p in with_grad if p in self._ema]
-            grads = [_local(p.grad) for p in paired]  # type: ignore[arg-type]
-            emas = [_local(self._ema[p]) for p in paired]
-            segments = self._segments(paired)
-            group = _sharded_group(with_grad)
-            reduce = self._all_reduce_fn(group)
-
-            g_sq = tensor_sq_norms(grads_all, foreach=self.foreach)
-            g_sq_total = g_sq.sum() if g_sq.numel() else torch.zeros(())
-            if paired:
-                offsets = None
-                if pending.offsets:
-                    offsets = torch.stack([pending.offsets[p] for p in paired])
-                seg_dot, seg_sq, reduced = segment_dots(
-                    grads,
-                    emas,
-                    segments,
-                    dot_offsets=offsets,
-                    extra=g_sq_total.reshape(1),
-                    all_reduce=reduce,
-                    foreach=self.foreach,
-                )
-                if reduced is not None and reduce is not None:
-                    g_sq_total = reduced[0]
-            else:
-                seg_dot = seg_sq = g_sq_total.new_zeros(1)
-                if reduce is not None:
-                    g_sq_total = g_sq_total.reshape(1).clone()
-                    reduce(g_sq_total)
-                    g_sq_total = g_sq_total[0]
-            nonfinite = pending.nonfinite or (
-                self._checks_nonfinite() and self._nonfinite(g_sq_total)
+    def _forget_side(self, pending: Pending, loss: Any, hypers: list[Hyper]) -> None:
+        """Rectify the forget gradient now in ``.grad`` and step (in the chosen space)."""
+        params = self._trainable()
+        if signature(params) == pending.signature:
+            raise RuntimeError(
+                "no forget gradient: the forget closure (or the code before step()) must "
+                "call backward on the forget loss, after the retain side: retain closure "
+                "or retain_pass() first, then the forget backward, then step(); gradients "
+                "present when the retain side starts are discarded as stale"
             )
+        self._check_grads(params)
+        if pending.watch is not None:
+            changed = pending.watch.changed(allowed=1 if self._amp.caller_unscaled() else 0)
+            if changed:
+                raise RuntimeError(
+                    f"{len(changed)} gradient(s) were changed in place (clipped?) after the "
+                    "backward passes and before step(), while part of the final gradient "
+                    "(retain_weight or a post pass) sits in .grad: the rectification would "
+                    "be wrong. Clip with GRUOptimizer(max_grad_norm=...) instead, which "
+                    "clips the rectified gradient right before the inner step"
+                )
+        self._amp.unscale_forget()
+        with torch.no_grad():
+            layout = self._layout(params, hypers, zero_fill=True)
+            vectors = [local(p.grad) for p in layout.members]  # type: ignore[arg-type]
+            device = vectors[0].device
+            offsets = None
+            if pending.offsets:
+                zero = torch.zeros((), device=device)
+                offsets = torch.stack([pending.offsets.get(p, zero).to(device) for p in layout.members])
+            found = self._amp.found_inf(device)
+            before = pending.reason.to(device)
+            if found is not None:
+                before = torch.where(before != 0, before, reason_of((found, SkipReason.SCALER_OVERFLOW), device=device))
+            result = SPACES[self.space].step(self, layout, vectors, offsets, before, params)
+        self._record(pending, loss, result)
 
-            coef = conflict_coefficients(seg_dot, seg_sq)
-            if not nonfinite:
-                if self.space == "gradient":
-                    if paired:
-                        per_tensor = expand_segments(coef, segments, len(paired))
-                        project_(grads, emas, per_tensor, foreach=self.foreach)
-                    self._inner.step()
-                else:
-                    coef = self._update_space_step(paired, emas, segments, reduce)
-            self._record_stats(pending, loss, seg_dot, seg_sq, coef, g_sq_total, nonfinite)
-
-    def _update_space_step(
-        self,
-        paired: list[Tensor],
-        emas: list[Tensor],
-        segments: list[int] | None,
-        reduce: Callable[[Tensor], None] | None,
-    ) -> Tensor:
-        """Step the inner optimizer, then rectify the parameter change against ``m``."""
-        params = [_local(p) for p in paired]
-        prev = []
-        for p, lp in zip(paired, params):
-            buf = self._update_buffers.get(p)
-            if buf is None or buf.shape != lp.shape or buf.dtype != lp.dtype:
-                buf = self._update_buffers[p] = torch.empty_like(lp)
-            prev.append(buf)
-        if prev:
-            torch._foreach_copy_(prev, params)
-        self._inner.step()
-        if not prev:
-            return torch.zeros(1)
-        # prev <- theta_new - theta_old, the update the inner optimizer made.
-        torch._foreach_sub_(prev, params)
-        torch._foreach_neg_(prev)
-        seg_dot, seg_sq, _ = segment_dots(
-            prev, emas, segments, all_reduce=reduce, foreach=self.foreach
-        )
-        # The update must not ascend the retain loss along m: <delta, m> <= 0, i.e. the
-        # gradient-space rule applied to -delta.
-        coef = conflict_coefficients(-seg_dot, seg_sq)
-        project_(params, emas, -expand_segments(coef, segments, len(params)), foreach=self.foreach)
-        return coef
-
-    def _segments(self, paired: list[Tensor]) -> list[int] | None:
-        if self.granularity == "global":
+    def _closure_driven_step(self, closure: Closure, hypers: list[Hyper]) -> Any:
+        pending = self._pending
+        assert pending is not None
+        self._discard_pending()
+        if self._skip(pending.reason):
+            self.last_stats = plain_stats(pending.grad_norm.device, None, pending.reason,
+                                          clipping=self.max_grad_norm is not None)
             return None
-        if self.granularity == "tensor":
-            return [1] * len(paired)
-        index = {id(p) for p in paired}
-        sizes = []
-        for group in self._inner.param_groups:
-            n = sum(1 for p in group["params"] if id(p) in index)
-            if n:
-                sizes.append(n)
-        return sizes
+        out, result = closure_driven_step(
+            self, closure, lambda: self._run_forget(closure),
+            lambda params: self._layout(params, hypers, zero_fill=self.space == "gradient"),
+        )
+        self._record(pending, None, result, loss_fallback=out)
+        return out
 
-    def _record_stats(
-        self,
-        pending: _RetainRecord,
-        loss: Any,
-        seg_dot: Tensor,
-        seg_sq: Tensor,
-        coef: Tensor,
-        g_sq_total: Tensor,
-        skipped: bool,
-    ) -> None:
-        dot = seg_dot.sum()
-        ema_norm = seg_sq.sum().sqrt()
-        g_norm = g_sq_total.sqrt().to(dot)
-        denom = g_norm * ema_norm
-        conflicts = (seg_dot < 0) & (seg_sq > 0)
-        device = dot.device
-        nan = torch.full((), float("nan"), device=device)
-        self.last_stats = {
-            "forget_loss": loss.detach() if isinstance(loss, Tensor) else nan,
-            "retain_loss": pending.loss if pending.loss is not None else nan,
-            "dot": dot,
-            "cosine": torch.where(denom > 0, dot / torch.where(denom > 0, denom, 1.0), 0.0),
-            "conflict": conflicts.any(),
-            "conflict_fraction": conflicts.to(dot.dtype).mean(),
-            "coef": coef.to(dot.dtype).mean() if coef.numel() else dot.new_zeros(()),
-            "forget_grad_norm": g_norm,
-            "retain_grad_norm": pending.grad_norm.to(device),
-            "ema_norm": ema_norm,
-            # a fill, not a host-to-device copy: no synchronisation on accelerators
-            "skipped": torch.full((), skipped, dtype=torch.bool, device=device),
-        }
+    def _layout(self, params: list[Tensor], hypers: list[Hyper], *, zero_fill: bool) -> Layout:
+        """The members of this step (trainable parameters with a gradient or a memory),
+        their directions, segments, per-segment rule hyperparameters and reducer. With
+        ``zero_fill`` a member with a memory but no gradient gets a zero gradient: its
+        forget gradient is zero, and it takes its share of the correction."""
+        members = [p for p in params if p.grad is not None or p in self._memory]
+        if zero_fill:
+            for p in members:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        segments = PARTITIONS[self.granularity](members, self._inner.param_groups)
+        return Layout(members, self._memory.locals(members), segments,
+                      self._segment_hyper(members, segments, hypers), Reducer.for_params(members))
+
+    def _segment_hyper(self, members: list[Tensor], segments: list[int] | None,
+                       hypers: list[Hyper]) -> list[dict[str, float]]:
+        """The rule's hyperparameters per segment (the groups of a segment must agree)."""
+        n = 1 if segments is None else len(segments)
+        if not self._rule.hyperparameters:
+            return [{}] * n
+        out = []
+        for groups in group_of_segments(members, segments, self._group_index()):
+            values = [hypers[g].rule for g in groups]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    f"the parameter groups {groups} share one segment (granularity="
+                    f"{self.granularity!r}) but have different {sorted(values[0])}: use "
+                    "granularity='group' or the same values"
+                )
+            out.append(values[0] if values else self._rule.defaults())
+        return out
+
+    def _record(self, pending: Pending, loss: Any, result: Any, loss_fallback: Any = None) -> None:
+        sol, reason, grad_norm, clip = result
+        self.last_stats = step_stats(
+            loss=loss if loss is not None else loss_fallback,
+            retain_loss=pending.loss,
+            retain_grad_norm=pending.grad_norm,
+            dot=sol.stats.dot,
+            ema_sq_norm=sol.stats.ema_sq_norm,
+            grad_sq_norm=sol.stats.grad_sq_norm,
+            coef=sol.coef,
+            reason=reason if self._checking() else torch.zeros_like(reason),
+            grad_norm=grad_norm,
+            clip_coef=clip,
+            clipping=self.max_grad_norm is not None,
+        )
+        if "post_loss" in pending.extra:
+            self.last_stats["post_loss"] = plain_stats(
+                self.last_stats["dot"].device, pending.extra["post_loss"])["forget_loss"]
+
+    def _stats_device(self, params: list[Tensor]) -> torch.device:
+        for p in params:
+            if p.grad is not None:
+                return local(p.grad).device
+        return local(params[0]).device if params else torch.device("cpu")
+
+    def _skip(self, reason: Tensor) -> bool:
+        """Whether to skip: the host read of a step (only when GRU checks)."""
+        return self._checking() and bool(reason != 0)
+
+    def _clip_(self, params: list[Tensor], reducer: Reducer) -> tuple[Tensor | None, Tensor | None]:
+        """Clip the final gradient to ``max_grad_norm`` (one norm over all processes)."""
+        if self.max_grad_norm is None:
+            return None, None
+        grads = [local(p.grad) for p in params if p.grad is not None]  # type: ignore[arg-type]
+        if not grads:
+            return None, None
+        norm = total_norm(grads, all_reduce=reducer.fn, foreach=self.foreach)
+        coef = clip_coefficient(norm, self.max_grad_norm)
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for dev, gs in by_device.items():
+            torch._foreach_mul_(gs, coef.to(dev))
+        return norm, coef
+
+    def _buffers_like(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Reusable buffers shaped like ``tensors`` (update space's one extra buffer)."""
+        out = []
+        for t in tensors:
+            key = (t.data_ptr(), t.shape, t.dtype, t.device)
+            buf = self._update_buffers.get(key)
+            if buf is None:
+                buf = self._update_buffers[key] = torch.empty_like(t)
+            out.append(buf)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _index(self) -> dict[int, int]:
-        return {id(p): i for i, p in enumerate(self._params())}
-
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict, each parameter's entry holding its memory
-        under :data:`EMA_KEY`. Loads into a plain inner optimizer after dropping that key.
+        under :data:`EMA_KEY`, GRU's hyperparameters in the parameter groups. Loads into
+        a plain inner optimizer after dropping that key.
 
         Every trainable parameter has an entry, zeros before its first retain gradient
         (``m_0 = 0``), so that a template taken from a fresh optimizer (as
         ``torch.distributed.checkpoint`` loads in place) has the keys to load the memory
-        into. :meth:`load_state_dict` reads an all-zero memory as no memory."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        sd = self._inner.state_dict()
-        state = dict(sd["state"])
-        index = self._index()
-        for p, m in self._ema.items():
-            k = index.get(id(p))
-            if k is None:
-                continue
-            entry = dict(state.get(k, {}))
-            entry[EMA_KEY] = m
-            state[k] = entry
-        for p in self._params():
-            if p.requires_grad and p not in self._ema:
-                k = index[id(p)]
-                entry = dict(state.get(k, {}))
-                entry[EMA_KEY] = self._new_ema(p)
-                state[k] = entry
-        sd = {"state": state, "param_groups": sd["param_groups"]}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            hook_result = post_hook(self, sd)
-            if hook_result is not None:
-                sd = hook_result
-        return sd
+        into. :meth:`load_state_dict` reads an all-zero memory as no memory.
+
+        Raises between a retain side and its ``step()``: the memory is then one fold
+        ahead of the weights, and what the step still needs sits in ``.grad``, which no
+        checkpoint holds. Save after ``step()``.
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                "state_dict() between retain_pass() and step(): the memory is one fold ahead "
+                "of the weights and the step's gradients are not in a checkpoint; save after "
+                "step() (or before the retain pass)"
+            )
+        return save_state(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` or from the plain inner optimizer
-        (the memory then starts empty). Raises before changing anything when the state
-        dict does not belong to these parameters."""
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            hook_result = pre_hook(self, state_dict)
-            if hook_result is not None:
-                state_dict = hook_result
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        groups = self._inner.param_groups
-        saved_groups = state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError(
-                f"state dict has {len(saved_groups)} parameter groups, the optimizer "
-                f"{len(groups)}: it comes from another model or optimizer"
-            )
-        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(
-                    f"parameter group {i} has {len(g['params'])} parameters but the state "
-                    f"dict's has {len(sg['params'])}: it comes from another model"
-                )
-        id_to_param = {}
-        for g, sg in zip(groups, saved_groups):
-            for p, k in zip(g["params"], sg["params"]):
-                id_to_param[k] = p
-        inner_state: dict[Any, Any] = {}
-        emas: dict[Tensor, Tensor] = {}
-        for k, entry in state_dict["state"].items():
-            if k not in id_to_param:
-                raise ValueError(f"state dict has state for unknown parameter {k!r}")
-            p = id_to_param[k]
-            entry = dict(entry)
-            m = entry.pop(EMA_KEY, None)
-            if m is not None:
-                if tuple(m.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"retain memory of parameter {k} has shape {tuple(m.shape)}, the "
-                        f"parameter {tuple(p.shape)}: the state dict comes from another model"
-                    )
-                emas[p] = m
-            for name, v in entry.items():
-                # Per-parameter buffers (exp_avg, momentum_buffer, ...) have the
-                # parameter's shape; factored ones (Adafactor's row/col variances) have 1
-                # where they are reduced. Anything else comes from another model.
-                if (
-                    isinstance(v, Tensor)
-                    and v.dim() == p.dim() > 0
-                    and any(a not in (b, 1) for a, b in zip(v.shape, p.shape))
-                ):
-                    raise ValueError(
-                        f"state {name!r} of parameter {k} has shape {tuple(v.shape)}, the "
-                        f"parameter {tuple(p.shape)}: the state dict comes from another model"
-                    )
-            if entry:
-                inner_state[k] = entry
-        self._inner.load_state_dict({"state": inner_state, "param_groups": saved_groups})
-        with torch.no_grad():
-            new: dict[Tensor, Tensor] = {}
-            for p, m in emas.items():
-                buf = self._ema.get(p)
-                if buf is None or buf.dtype != self._ema_dtype_for(p):
-                    buf = self._new_ema(p)
-                buf.copy_(m)
-                new[p] = buf
-            if new:
-                # An all-zero memory is no memory (state_dict writes zeros for parameters
-                # without one). One host read, and one collective for sharded memories.
-                keys = list(new)
-                first = _local(new[keys[0]]).device
-                flags = torch.stack(
-                    [_local(new[q]).ne(0).any().to(first, torch.float32) for q in keys]
-                )
-                group = _sharded_group(keys)
-                if group is not None:
-                    self._all_reduce_fn(group)(flags)  # type: ignore[misc]
-                new = {q: new[q] for q, f in zip(keys, flags.tolist()) if f > 0}
-        self._ema = new
-        self._pending = None
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        (the memory then starts empty). Everything is validated first: on any error
+        nothing has changed."""
+        load_state(self, state_dict)
+        self._discard_pending()
 
     # ------------------------------------------------------------------ introspection
     def retain_memory(self, p: Tensor) -> Tensor | None:
         """The retain memory ``m`` of parameter ``p`` (``None`` before its first retain
         gradient). The tensor is the live buffer: do not modify it."""
-        return self._ema.get(p)
+        return self._memory.get(p)
+
+
+# torch.compile: a compiled function that calls step() runs it eagerly (a graph break),
+# so that its bookkeeping across the retain and forget sides is never lost between graphs.
+GRUOptimizer.step = torch.compiler.disable(GRUOptimizer.step)  # type: ignore[method-assign]

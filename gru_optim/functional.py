@@ -6,26 +6,36 @@ other training schemes on the same rule.
 
 from ._functional import (
     RectifyResult,
+    SegmentStats,
+    clip_coefficient,
     conflict_coefficients,
+    cosclip_coefficients,
     ema_update_,
     expand_segments,
     project_,
     rectify_,
     segment_dots,
+    segment_stats,
     segment_sum,
     tensor_dots,
     tensor_sq_norms,
+    total_norm,
 )
 
 __all__ = [
     "RectifyResult",
+    "SegmentStats",
+    "clip_coefficient",
     "conflict_coefficients",
+    "cosclip_coefficients",
     "ema_update_",
     "expand_segments",
     "project_",
     "rectify_",
     "segment_dots",
+    "segment_stats",
     "segment_sum",
     "tensor_dots",
     "tensor_sq_norms",
+    "total_norm",
 ]

@@ -124,11 +124,9 @@ def test_memory_accounting():
     params = C.make_params(SMALL)
     for dtype, want in ((None, 1.0), (torch.bfloat16, 0.5)):
         opt = GRUOptimizer(bench_step._NoOpOptimizer(params), ema_dtype=dtype)
-        for p in params:
-            p.grad = torch.randn_like(p)
         with opt.retain_pass():
             for p in params:
-                p.grad.add_(1.0)
+                p.grad = torch.randn_like(p) + 1.0
         for p in params:  # the forget gradient (GRU left .grad None), conflicting
             p.grad = torch.full_like(p, -2.0)
         opt.step()

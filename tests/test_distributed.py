@@ -130,8 +130,9 @@ def test_fsdp2_update_space(fsdp) -> None:
     close(fsdp[0]["fsdp_update"], params)
     assert not torch.allclose(fsdp[0]["fsdp_update"][0], fsdp[0]["fsdp"][0])
     for r in fsdp:
-        # The update is known only after the inner step: a second packed [dot, ||m||^2].
-        assert r["calls_update"] == [[(1, 4), (3, 12), (2, 8)]] * W.STEPS
+        # Before the inner step only ||g||^2 (is the gradient finite?); the update is known
+        # only after it: then the packed [dot, ||m||^2, ||v||^2].
+        assert r["calls_update"] == [[(1, 4), (1, 4), (3, 12)]] * W.STEPS
 
 
 def test_fsdp2_memory_is_sharded_like_the_parameters(fsdp) -> None:
@@ -149,7 +150,7 @@ def test_fsdp2_collectives_per_step(fsdp) -> None:
         # gradient finite?), the step one packed [dot, ||m||^2, ||g||^2].
         assert r["calls_default"] == [[(1, 4), (3, 12)]] * W.STEPS
         assert r["calls_no_skip"] == [[(3, 12)]] * W.STEPS
-        k = 2 * n_tensors + 1
+        k = 3 * n_tensors  # [dot, ||m||^2, ||g||^2] per segment
         assert r["calls_tensor"] == [[(1, 4), (k, 4 * k)]] * W.STEPS
         assert r["calls_plain"] == []
 

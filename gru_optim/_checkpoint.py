@@ -1,0 +1,170 @@
+"""The GRU optimizer's state dict: the inner optimizer's, with the memory merged in.
+
+Format: ``{"state": {k: {...inner entries..., EMA_KEY: m}}, "param_groups": [...]}``,
+the canonical ``torch.optim`` layout (parameters numbered in group order), GRU's
+hyperparameters in the groups under their ``gru_`` keys. Loading validates everything
+before it changes anything: on any error the optimizer is as it was.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ._groups import check_gamma, check_retain_weight, fill_groups
+from ._memory import EMA_KEY, RetainMemory
+
+if TYPE_CHECKING:
+    from ._optimizer import GRUOptimizer
+
+__all__ = ["load_state", "save_state"]
+
+
+def _gru_keys(opt: GRUOptimizer) -> set[str]:
+    return set(opt._hdefaults)
+
+
+def save_state(opt: GRUOptimizer) -> dict[str, Any]:
+    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
+        pre_hook(opt)
+    sd = opt._inner.state_dict()
+    state = dict(sd["state"])
+    params = opt._params()
+    index = {id(p): i for i, p in enumerate(params)}
+    memory = opt._memory
+    for p in params:
+        if p in memory or p.requires_grad:
+            k = index[id(p)]
+            entry = dict(state.get(k, {}))
+            entry[EMA_KEY] = memory.entry(p)
+            state[k] = entry
+    out = {"state": state, "param_groups": sd["param_groups"]}
+    for post_hook in opt._optimizer_state_dict_post_hooks.values():
+        result = post_hook(opt, out)
+        if result is not None:
+            out = result
+    return out
+
+
+def _check_groups(opt: GRUOptimizer, saved_groups: Any) -> None:
+    groups = opt._inner.param_groups
+    if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
+        raise ValueError("not an optimizer state dict: 'param_groups' must be a list of dicts")
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"state dict has {len(saved_groups)} parameter groups, the optimizer "
+            f"{len(groups)}: it comes from another model or optimizer"
+        )
+    ours = _gru_keys(opt) | {"params"}
+    for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+        if "params" not in sg or len(g["params"]) != len(sg["params"]):
+            raise ValueError(
+                f"parameter group {i} has {len(g['params'])} parameters but the state "
+                f"dict's has {len(sg.get('params', []))}: it comes from another model"
+            )
+        missing = set(g) - set(sg) - ours
+        unknown = set(sg) - set(g) - ours
+        if missing and unknown:
+            raise ValueError(
+                f"parameter group {i} of the state dict has hyperparameters "
+                f"{sorted(unknown)} but not {sorted(missing)}: it comes from another "
+                f"optimizer class than {type(opt._inner).__name__}"
+            )
+        where = f" (state dict param_groups[{i}])"
+        if "gru_gamma" in sg:
+            check_gamma(sg["gru_gamma"], where)
+        if "gru_retain_weight" in sg:
+            check_retain_weight(sg["gru_retain_weight"], where)
+        for key in opt._rule.hyperparameters:
+            if key in sg:
+                opt._rule.check(key, sg[key], where)
+
+
+def _check_inner_entry(
+    k: Any, p: Tensor, entry: dict[str, Any], current: dict[str, Any] | None, flat: set[int]
+) -> None:
+    """The inner optimizer's entry for ``p`` must fit ``p`` and this optimizer class."""
+    if current:
+        if set(current) != set(entry):
+            raise ValueError(
+                f"state of parameter {k} has entries {sorted(entry)}, this optimizer keeps "
+                f"{sorted(current)}: the state dict comes from another optimizer"
+            )
+        for name, v in entry.items():
+            c = current[name]
+            if isinstance(v, Tensor) and isinstance(c, Tensor) and name != "step" and v.shape != c.shape:
+                raise ValueError(
+                    f"state {name!r} of parameter {k} has shape {tuple(v.shape)}, this "
+                    f"optimizer's {tuple(c.shape)}: the state dict comes from another model"
+                )
+    for name, v in entry.items():
+        # Per-parameter buffers (exp_avg, momentum_buffer, ...) have the parameter's
+        # shape; factored ones (Adafactor's row/col variances) have 1 where they are
+        # reduced; flat ones (LBFGS) the size of all parameters of a group.
+        if (
+            isinstance(v, Tensor)
+            and v.dim() == p.dim() > 0
+            and any(a not in (b, 1) for a, b in zip(v.shape, p.shape))
+            and not (v.dim() == 1 and v.numel() in flat)
+        ):
+            raise ValueError(
+                f"state {name!r} of parameter {k} has shape {tuple(v.shape)}, the "
+                f"parameter {tuple(p.shape)}: the state dict comes from another model"
+            )
+
+
+def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+    if not isinstance(state_dict["state"], dict):
+        raise ValueError("not an optimizer state dict: 'state' must be a dict")
+    inner = opt._inner
+    saved_groups = state_dict["param_groups"]
+    _check_groups(opt, saved_groups)
+    id_to_param: dict[Any, Tensor] = {}
+    flat: set[int] = {sum(p.numel() for p in opt._params())}
+    for g, sg in zip(inner.param_groups, saved_groups):
+        flat.add(sum(p.numel() for p in g["params"]))
+        for p, k in zip(g["params"], sg["params"]):
+            id_to_param[k] = p
+    inner_state: dict[Any, Any] = {}
+    emas: dict[Tensor, Tensor] = {}
+    with_memory = False
+    for k, entry in state_dict["state"].items():
+        if k not in id_to_param:
+            raise ValueError(f"state dict has state for unknown parameter {k!r}")
+        if not isinstance(entry, dict):
+            raise ValueError(f"state of parameter {k} is a {type(entry).__name__}, not a dict")
+        p = id_to_param[k]
+        entry = dict(entry)
+        if EMA_KEY in entry:
+            with_memory = True
+            emas[p] = RetainMemory.check_entry(p, entry.pop(EMA_KEY), f"parameter {k}")
+        _check_inner_entry(k, p, entry, inner.state.get(p), flat)
+        if entry:
+            inner_state[k] = entry
+    if with_memory:
+        key_of = {id(p): k for k, p in id_to_param.items()}
+        absent = [key_of[id(p)] for p in opt._trainable() if key_of[id(p)] not in state_dict["state"]]
+        if absent:
+            raise ValueError(
+                f"the state dict has no entry for parameter(s) {absent[:8]}, which are "
+                "trainable: GRUOptimizer.state_dict() writes one for every trainable "
+                "parameter, so it was truncated (or they were frozen when it was saved)"
+            )
+    buffers = opt._memory.prepare(emas)
+    old_state, old_groups = inner.state, inner.param_groups
+    try:
+        inner.load_state_dict({"state": inner_state, "param_groups": saved_groups})
+    except BaseException:
+        inner.state, inner.param_groups = old_state, old_groups
+        raise
+    opt._memory.commit(buffers)
+    fill_groups(inner.param_groups, opt._hdefaults)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)

@@ -1,0 +1,107 @@
+"""GRU's hyperparameters in the inner optimizer's parameter groups, and number validation.
+
+Each hyperparameter lives in every parameter group under a namespaced key
+(``"gru_gamma"``, ...), next to ``lr``: it is saved in ``state_dict()["param_groups"]``,
+can differ per group, and can be changed between steps the way schedulers change ``lr``.
+A group without the key (an older checkpoint, a group added to the inner optimizer
+directly) takes the value given to :class:`~gru_optim.GRUOptimizer`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["GAMMA_KEY", "RETAIN_WEIGHT_KEY", "Hyper", "real", "fill_groups", "read_groups"]
+
+GAMMA_KEY = "gru_gamma"
+"""Parameter-group key of ``gamma``, the weight of the new retain gradient in the memory."""
+RETAIN_WEIGHT_KEY = "gru_retain_weight"
+"""Parameter-group key of ``retain_weight``, the multiple of the retain gradient added
+after rectification."""
+
+
+def real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "",
+) -> float:
+    """``value`` as a finite Python float inside the given interval, or a clear error.
+
+    Accepts every real number type (int, float, NumPy scalars, ``fractions``, 0-dim real
+    tensors and arrays); refuses ``bool``, strings, complex numbers, NaN and infinities.
+    """
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+        shape = tuple(getattr(value, "shape", ()))
+        dtype = getattr(value, "dtype", None)
+        is_bool = dtype == torch.bool or str(dtype) == "bool"
+        is_complex = (isinstance(dtype, torch.dtype) and dtype.is_complex) or "complex" in str(dtype)
+        if shape != () or is_bool or is_complex:
+            raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+        value = value.item()
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite{what}, got {value!r}")
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}{hi}{what}, got {value!r}")
+    return x
+
+
+def check_gamma(value: Any, where: str = "") -> float:
+    return real("gamma", value, low=0.0, high=1.0, low_open=True,
+                what=f" (it weighs the new retain gradient){where}")
+
+
+def check_retain_weight(value: Any, where: str = "") -> float:
+    return real("retain_weight", value, low=0.0, what=where)
+
+
+class Hyper:
+    """The validated hyperparameters of one parameter group for one step."""
+
+    __slots__ = ("gamma", "retain_weight", "rule")
+
+    def __init__(self, gamma: float, retain_weight: float, rule: dict[str, float]) -> None:
+        self.gamma = gamma
+        self.retain_weight = retain_weight
+        self.rule = rule
+
+
+def fill_groups(groups: Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    """Give every group the keys it lacks, from ``defaults`` (never overwrites)."""
+    for group in groups:
+        for k, v in defaults.items():
+            group.setdefault(k, v)
+
+
+def read_groups(
+    groups: list[dict[str, Any]],
+    defaults: dict[str, Any],
+    rule_checks: dict[str, Any],
+) -> list[Hyper]:
+    """Validate and read each group's hyperparameters (raises before anything changes)."""
+    fill_groups(groups, defaults)
+    out = []
+    for i, g in enumerate(groups):
+        where = f" (param_groups[{i}])"
+        rule = {k: check(g[k], where) for k, check in rule_checks.items()}
+        out.append(Hyper(check_gamma(g[GAMMA_KEY], where),
+                         check_retain_weight(g[RETAIN_WEIGHT_KEY], where), rule))
+    return out
