@@ -40,6 +40,7 @@ __all__ = [
     "segment_dots",
     "segment_stats",
     "segment_sum",
+    "sum_sq",
     "tensor_dots",
     "tensor_sq_norms",
     "total_norm",
@@ -49,6 +50,7 @@ _Key = tuple[torch.device, torch.dtype, torch.dtype]
 
 # Below this mean square a float32 sum of squares may be made of subnormal products.
 _TINY32 = 2.0**-126
+_MAX32_SQ = torch.finfo(torch.float32).max ** 2
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -228,6 +230,27 @@ def cosclip_coefficients(
     ).sqrt()
     clipped = torch.minimum(torch.maximum(dot, floor), torch.zeros_like(dot))
     return torch.where(positive, clipped / safe, torch.zeros_like(dot))
+
+
+def sum_sq(tensors: Sequence[Tensor], *, all_reduce: Callable[[Tensor], None] | None = None,
+           foreach: bool | None = None) -> Tensor:
+    """``sum ||t||^2`` over ``tensors`` as a 0-dim tensor (summed across processes with
+    ``all_reduce``). Infinite only if an element is not finite, or, off the CPU, if the
+    float32 sum overflows: on the CPU an overflowing float32 sum is recomputed in
+    float64."""
+    if len(tensors) == 0:
+        return torch.zeros(())
+
+    def total(dtype: torch.dtype | None) -> Tensor:
+        t = tensor_sq_norms(tensors, foreach=foreach, dtype=dtype).sum().reshape(1)
+        if all_reduce is not None:
+            all_reduce(t)
+        return t[0]
+
+    out = total(None)
+    if out.dtype == torch.float32 and out.device.type == "cpu" and not bool(torch.isfinite(out)):
+        out = total(torch.float64)
+    return out
 
 
 def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
@@ -413,7 +436,8 @@ def segment_stats(
         # Reading a flag costs nothing on the CPU: recompute exactly instead of skipping.
         # Every process sees the same reduced flags, so all take this branch together.
         packed, _ = sums(torch.float64)
-        ok = torch.isfinite(packed).all(0)
+        # Exact now; the vectors themselves must still have a float32 norm.
+        ok = torch.isfinite(packed).all(0) & (packed[1:] <= _MAX32_SQ).all(0)
     return SegmentStats(packed[0], packed[1], packed[2], ok)
 
 

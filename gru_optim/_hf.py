@@ -174,25 +174,52 @@ class GRUTrainer(Trainer):
                 self.ref_model.to(self.args.device)
         self._gru_counts: dict[str, Tensor] | None = None
         self._gru_scale = 1.0
-        self._gru_log: dict[str, list[Tensor]] = {"retain_loss": [], "cosine": [], "conflict": []}
+        self._gru_log: dict[str, list[Tensor]] = {
+            "retain_loss": [], "cosine": [], "conflict": [], "grad_norm": []
+        }
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (or the one passed in), wrapped in :class:`GRUOptimizer`."""
         opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         if not isinstance(opt, GRUOptimizer):
-            opt = GRUOptimizer(opt, **self.gru_kwargs)
+            kwargs = dict(self.gru_kwargs)
+            kwargs.setdefault("max_grad_norm", clip)
+            opt = GRUOptimizer(opt, **kwargs)
             self.optimizer = opt
+        elif opt.max_grad_norm is None:
+            opt.max_grad_norm = clip
+        elif clip is not None and opt.max_grad_norm != clip:
+            raise ValueError(
+                f"TrainingArguments.max_grad_norm={clip} but the GRUOptimizer clips at "
+                f"{opt.max_grad_norm}: set one of them"
+            )
         if not getattr(opt, "_gru_trainer_hooked", False):
             opt.register_step_post_hook(self._record_step_stats)
             opt._gru_trainer_hooked = True  # type: ignore[attr-defined]
         return self.optimizer
 
+    def _clip_grad_norm(self, model: nn.Module) -> None:
+        """Never clip between backward and the step: GRU clips the rectified gradient
+        (``GRUOptimizer(max_grad_norm=args.max_grad_norm)``), as the authors' Trainer
+        does. Clipping here would clip the unrectified gradient (and, with a
+        ``retain_weight`` term kept in ``.grad``, make the rectification wrong)."""
+        return None
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> None:
+        """No extra pass over the gradients before the step (the Trainer's would multiply
+        them by 1 in place); the logs take ``grad_norm`` from GRU's statistics."""
+        return None
+
     def _record_step_stats(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         stats = find_gru_optimizer(optimizer).last_stats
-        if stats:
+        if stats and bool(stats["rectified"]):
             self._gru_log["cosine"].append(stats["cosine"].detach().float())
-            self._gru_log["conflict"].append(stats["conflict"].detach().float())
+            conflict = stats["conflict"].detach().float()
+            self._gru_log["conflict"].append(torch.where(stats["rectified"], conflict, float("nan")))
+        if stats and "grad_norm" in stats:
+            self._gru_log["grad_norm"].append(stats["grad_norm"].detach().float())
 
     @property
     def gru_optimizer(self) -> GRUOptimizer:
@@ -349,13 +376,21 @@ class GRUTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds ``retain_loss`` (the retain NLL, mean since the last log) and GRU's
+        """Adds ``retain_loss`` (the retain NLL, mean since the last log), GRU's
         ``gru_cosine`` / ``gru_conflict`` (cosine between forget gradient and retain memory,
-        fraction of steps with a conflict) to the training logs."""
+        fraction of rectified steps with a conflict; means over the rectified steps since
+        the last log) and, with ``max_grad_norm``, ``grad_norm`` (the last step's final
+        gradient norm before GRU clipped it) to the training logs. One host read per
+        log."""
         if "loss" in logs:
-            for key, name in (("retain_loss", "retain_loss"), ("cosine", "gru_cosine"), ("conflict", "gru_conflict")):
+            for key, name in (("retain_loss", "retain_loss"), ("cosine", "gru_cosine"),
+                              ("conflict", "gru_conflict")):
                 values = self._gru_log[key]
                 if values:
-                    logs[name] = round(float(torch.stack([v.cpu() for v in values]).mean()), 6)
+                    logs[name] = round(float(torch.stack([v.cpu() for v in values]).nanmean()), 6)
                     values.clear()
+            norms = self._gru_log["grad_norm"]
+            if norms:
+                logs["grad_norm"] = round(float(norms[-1]), 6)
+                norms.clear()
         super().log(logs, *args, **kwargs)

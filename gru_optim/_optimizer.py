@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._amp import AmpBoundary
-from ._functional import clip_coefficient, tensor_dots, tensor_sq_norms, total_norm
+from ._functional import clip_coefficient, sum_sq, tensor_dots, tensor_sq_norms, total_norm
 from ._checkpoint import load_state, save_state
 from ._groups import (
     GAMMA_KEY,
@@ -531,18 +531,22 @@ class GRUOptimizer(Optimizer):
             with_grad = [p for p in params if p.grad is not None]
             grads = [local(p.grad) for p in with_grad]  # type: ignore[arg-type]
             device = grads[0].device
-            total = tensor_sq_norms(grads, foreach=self.foreach).sum()
             reason = torch.zeros((), dtype=torch.long, device=device)
             if self._checking():
+                reducer = Reducer.for_params(with_grad)
+                total = sum_sq(grads, all_reduce=reducer.fn, foreach=self.foreach)
                 risk = self._memory.overflow_risk(with_grad, grads)
-                packed = torch.stack([total] + ([risk.to(total)] if risk is not None else []))
-                Reducer.for_params(with_grad).sum_(packed)
-                total = packed[0]
+                if risk is not None:  # float16 memory only
+                    risk = risk.to(total).reshape(1)
+                    reducer.sum_(risk)
                 reason = reason_of(
                     (~torch.isfinite(total), SkipReason.RETAIN_NONFINITE),
-                    (packed[-1] > 0 if risk is not None else total < 0, SkipReason.MEMORY_OVERFLOW),
+                    (risk[0] > 0 if risk is not None else torch.zeros((), dtype=torch.bool),
+                     SkipReason.MEMORY_OVERFLOW),
                     device=device,
                 )
+            else:
+                total = tensor_sq_norms(grads, foreach=self.foreach).sum()
             if not self._skip(reason):  # the retain side's one host read
                 gamma = {id(p): hypers[gi[id(p)]].gamma for p in params}
                 self._memory.fold_(with_grad, grads, params, gamma, foreach=self.foreach)
@@ -864,6 +868,9 @@ class GRUOptimizer(Optimizer):
         return self._memory.get(p)
 
 
-# torch.compile: a compiled function that calls step() runs it eagerly (a graph break),
-# so that its bookkeeping across the retain and forget sides is never lost between graphs.
-GRUOptimizer.step = torch.compiler.disable(GRUOptimizer.step)  # type: ignore[method-assign]
+# torch.compile: a compiled function that calls step() runs it eagerly (one graph break,
+# hooks included), so that its bookkeeping across the retain and forget sides is never
+# lost between graphs. Marked as hooked, so Optimizer.__init__ does not wrap it again.
+_step = torch.compiler.disable(Optimizer.profile_hook_step(GRUOptimizer.step))
+_step.hooked = True  # type: ignore[attr-defined]
+GRUOptimizer.step = _step  # type: ignore[method-assign]

@@ -128,7 +128,10 @@ class OneDirection(Rule):
             foreach=foreach, numels=numels,
         )
         coef = self.coefficients(stats, hyper)
-        ok = stats.in_range.all() & torch.isfinite(coef).all()
+        # The coefficient multiplies the memory in the vectors' arithmetic (float32 unless
+        # they are float64): it must be finite there too.
+        wide = all(v.dtype == torch.float64 for v in vectors)
+        ok = stats.in_range.all() & torch.isfinite(coef if wide else coef.float()).all()
         return Solution(stats, coef, ok)
 
 

@@ -114,9 +114,22 @@ def closures(
     return (lambda: run("forget")), (lambda: run("retain"))
 
 
+def post_closure(model: nn.Module, b: dict[str, Tensor]) -> Callable[[], Tensor]:
+    """A gradient added after rectification (a stand-in for the authors' +KL term): the
+    retain head on the forget inputs, weighted 0.3."""
+
+    def post() -> Tensor:
+        loss = 0.3 * model(b["xf"], b["yf"], "retain")
+        loss.backward()
+        return loss
+
+    return post
+
+
 def reference_run(
     make_inner: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     steps: int = STEPS,
+    post: bool = False,
     **gru_kwargs: Any,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One process on the union batches: final parameters and memories."""
@@ -126,7 +139,7 @@ def reference_run(
     for b in make_batches(steps):
         f, r = closures(model, b)
         opt.zero_grad()
-        opt.step(f, r)
+        opt.step(f, r, post_closure(model, b) if post else None)
     params = [p.detach().clone() for p in model.parameters()]
     mems = [opt.retain_memory(p).detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
     return params, mems
@@ -296,6 +309,17 @@ def ddp_suite(rank: int, world: int) -> dict[str, Any]:
         opt.step(f, r)
     out["no_sync_rw"] = _params(model.module)
 
+    # 3b. Clipping, cos clip and a post-rectification closure, micro-batches under no_sync.
+    for name, kw, post in (("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+                           ("ddp_post", {"max_grad_norm": 0.05}, True)):
+        model = DDP(make_model(), find_unused_parameters=True)
+        opt = GRUOptimizer(default_inner(list(model.parameters())), **kw)
+        for b in batches:
+            f, r = closures(model, b, micro=2, no_sync=model.no_sync)
+            opt.zero_grad()
+            opt.step(f, r, post_closure(model, b) if post else None)
+        out[name] = _params(model.module)
+
     # 4. ZeroRedundancyOptimizer (optimizer state partitioned over the ranks) inside GRU.
     model = DDP(make_model(), find_unused_parameters=True)
     zero = ZeroRedundancyOptimizer(
@@ -440,6 +464,20 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
     opt = GRUOptimizer(default_inner(list(model.parameters())), granularity="tensor")
     out["calls_tensor"] = train(model, opt, batches[:STEPS])
     out["fsdp_tensor"] = _params(model)
+
+    # 3a. Clipping (one more scalar all_reduce: the norm of the final gradient), cos clip
+    #     and a post-rectification closure, on sharded parameters.
+    model = _fsdp_model()
+    opt = GRUOptimizer(default_inner(list(model.parameters())), max_grad_norm=0.05, cos_clip=-0.5)
+    out["calls_clip_cos"] = train(model, opt, batches[:STEPS])
+    out["fsdp_clip_cos"] = _params(model)
+    model = _fsdp_model()
+    opt = GRUOptimizer(default_inner(list(model.parameters())), max_grad_norm=0.05)
+    for b in batches[:STEPS]:
+        f, r = closures(model, b)
+        opt.zero_grad()
+        opt.step(f, r, post_closure(model, b))
+    out["fsdp_post"] = _params(model)
 
     # 3b. Update-space rectification: a second packed all_reduce, after the inner step.
     model = _fsdp_model()

@@ -11,6 +11,7 @@ retain gradient, updates the memory, computes the forget gradient, rectifies it 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +37,10 @@ def _grads64(params: list[Tensor]) -> dict[int, Tensor]:
     return {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
 
 
-def project_flat(g: Tensor, m: Tensor) -> tuple[Tensor, float, float]:
-    """The closed form of min ||x - g||^2 s.t. <x, m> >= 0, in float64.
+def project_flat(g: Tensor, m: Tensor, cos_clip: float | None = None) -> tuple[Tensor, float, float]:
+    """The closed form of min ||x - g||^2 s.t. <x, m> >= 0, in float64; with ``cos_clip``
+    the authors' partial projection (``orthogonal_component_COSCLIP``: when the cosine is
+    below the threshold, subtract ``||g|| * threshold / ||m||`` times ``m``).
 
     Returns (x, d, coefficient) with d = <g, m>.
     """
@@ -47,6 +50,11 @@ def project_flat(g: Tensor, m: Tensor) -> tuple[Tensor, float, float]:
     nm = float(torch.dot(m, m))
     if d < 0.0 and nm > 0.0:
         c = d / nm
+        if cos_clip is not None:
+            gn, mn = float(g.norm()), math.sqrt(nm)
+            cos = d / (gn * mn)
+            if cos < cos_clip:
+                c = gn * cos_clip / mn
         return g - c * m, d, c
     return g.clone(), d, 0.0
 
@@ -65,8 +73,12 @@ class ReferenceGRU:
         granularity: str = "global",
         retain_weight: float = 0.0,
         space: str = "gradient",
+        cos_clip: float | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         self.inner = inner
+        self.cos_clip = cos_clip
+        self.max_grad_norm = max_grad_norm
         self.gamma = gamma
         self.granularity = granularity
         self.retain_weight = retain_weight
@@ -83,6 +95,15 @@ class ReferenceGRU:
                     seen.add(id(p))
                     out.append(p)
         return out
+
+    def _clip(self, grads: dict[int, Tensor]) -> None:
+        """torch.nn.utils.clip_grad_norm_ in float64, on the final gradients."""
+        if self.max_grad_norm is None or not grads:
+            return
+        norm = float(torch.cat([v.reshape(-1) for v in grads.values()]).norm())
+        coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        for k in grads:
+            grads[k] = grads[k] * coef
 
     def _segments(self, paired: list[Tensor]) -> list[list[Tensor]]:
         ids = {id(p) for p in paired}
@@ -120,9 +141,21 @@ class ReferenceGRU:
             p.grad = None
         return g_r
 
-    def step(self, forget_fn: Callable[[], Any], retain_fn: Callable[[], Any]) -> dict[str, Any]:
+    def step(
+        self,
+        forget_fn: Callable[[], Any],
+        retain_fn: Callable[[], Any],
+        post_fn: Callable[[], Any] | None = None,
+    ) -> dict[str, Any]:
         params = self.params()
         g_r = self.fold_retain(retain_fn)
+        g_post: dict[int, Tensor] = {}
+        if post_fn is not None:
+            with torch.enable_grad():
+                post_fn()
+            g_post = _grads64(params)
+            for p in params:
+                p.grad = None
         with torch.enable_grad():
             forget_fn()
         g_f = _grads64(params)
@@ -137,35 +170,46 @@ class ReferenceGRU:
         info["retain_grad_norm"] = float(_flat(list(g_r.values())).norm()) if g_r else 0.0
         if self.space == "gradient":
             new = dict(g_f)
-            for seg in self._segments(paired):
+            # Segments over every parameter with a gradient or a memory (a missing memory
+            # is zero: it changes no dot product, but counts in ||g|| for cos clip).
+            members = [p for p in params if id(p) in g_f]
+            for seg in self._segments(members):
                 gs = [g_f[id(p)] for p in seg]
-                ms = [self.ema[id(p)] for p in seg]
-                x, d, c = project_flat(_flat(gs), _flat(ms))
+                ms = [self.ema.get(id(p), torch.zeros_like(g_f[id(p)])) for p in seg]
+                if not any(id(p) in self.ema for p in seg):
+                    continue
+                x, d, c = project_flat(_flat(gs), _flat(ms), self.cos_clip)
                 info["dots"].append(d)
                 info["coefs"].append(c)
                 info["sq"].append(float(_flat(ms).square().sum()))
                 for p, v in zip(seg, _unflat(x, gs)):
                     new[id(p)] = v
+            final: dict[int, Tensor] = {}
             for p in params:
                 k = id(p)
-                if k in new:
-                    v = new[k]
-                    if self.retain_weight and k in g_r:
-                        v = v + self.retain_weight * g_r[k]
-                    p.grad = v.to(p.dtype)
-                else:
-                    p.grad = None
+                v = new.get(k)
+                if self.retain_weight and k in g_r:
+                    v = (v if v is not None else 0.0) + self.retain_weight * g_r[k]
+                if k in g_post:
+                    v = (v if v is not None else 0.0) + g_post[k]
+                if v is not None:
+                    final[k] = v
+            self._clip(final)
+            for p in params:
+                p.grad = final[id(p)].to(p.dtype) if id(p) in final else None
             self.inner.step()
         else:
+            final = {}
             for p in params:
                 k = id(p)
                 if k in g_f:
                     v = g_f[k]
                     if self.retain_weight and k in g_r:
                         v = v + self.retain_weight * g_r[k]
-                    p.grad = v.to(p.dtype)
-                else:
-                    p.grad = None
+                    final[k] = v
+            self._clip(final)
+            for p in params:
+                p.grad = final[id(p)].to(p.dtype) if id(p) in final else None
             old = {id(p): p.detach().to(torch.float64).clone() for p in params}
             self.inner.step()
             with torch.no_grad():

@@ -88,6 +88,17 @@ def test_ddp_no_sync_closures_with_retain_weight(ddp) -> None:
     assert not torch.allclose(ddp[0]["no_sync_rw"][0], ddp[0]["closures"][0])
 
 
+@pytest.mark.parametrize(("key", "kw", "post"), [
+    ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+    ("ddp_post", {"max_grad_norm": 0.05}, True),
+])
+def test_ddp_clip_cos_clip_and_post_closure_equal_one_process(ddp, key, kw, post) -> None:
+    params, _ = W.reference_run(post=post, **kw)
+    identical(ddp[0][key], ddp[1][key])
+    close(ddp[0][key], params)
+    assert not torch.allclose(ddp[0][key][0], ddp[0]["closures"][0])
+
+
 def test_zero_redundancy_optimizer_inside_gru(ddp, reference) -> None:
     identical(ddp[0]["zero"], ddp[1]["zero"])
     close(ddp[0]["zero"], reference[0])
@@ -123,6 +134,22 @@ def test_fsdp2_per_tensor_granularity(fsdp) -> None:
     params, _ = W.reference_run(granularity="tensor")
     close(fsdp[0]["fsdp_tensor"], params)
     assert not torch.allclose(fsdp[0]["fsdp_tensor"][0], fsdp[0]["fsdp"][0])
+
+
+@pytest.mark.parametrize(("key", "kw", "post"), [
+    ("fsdp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+    ("fsdp_post", {"max_grad_norm": 0.05}, True),
+])
+def test_fsdp2_clip_cos_clip_and_post_closure_equal_one_process(fsdp, key, kw, post) -> None:
+    params, _ = W.reference_run(post=post, **kw)
+    identical(fsdp[0][key], fsdp[1][key])
+    close(fsdp[0][key], params)
+    assert not torch.allclose(fsdp[0][key][0], fsdp[0]["fsdp"][0])
+
+
+def test_fsdp2_clipping_adds_one_scalar_all_reduce(fsdp) -> None:
+    for r in fsdp:
+        assert r["calls_clip_cos"] == [[(1, 4), (3, 12), (1, 4)]] * W.STEPS
 
 
 def test_fsdp2_update_space(fsdp) -> None:

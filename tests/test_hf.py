@@ -189,12 +189,13 @@ def test_trainer_forgets_and_retains(tmp_path: Path, arch: str, objective: str, 
 
 
 def _closure_path_reference(
-    model: torch.nn.Module, ds: PairedUnlearningDataset, objective: str, steps: int, lr: float
+    model: torch.nn.Module, ds: PairedUnlearningDataset, objective: str, steps: int, lr: float,
+    **gru: Any,
 ) -> None:
     """The same training with GRUOptimizer's closure path on full batches."""
     ref = copy.deepcopy(model).eval()
     obj = get_objective(objective)
-    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=lr))
+    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=lr), **gru)
     collate = PairedCollator(PAD)
     model.train()
     for epoch in range(steps):
@@ -242,6 +243,36 @@ def test_gradient_accumulation_matches_the_closure_path(tmp_path: Path) -> None:
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         moved = moved or not torch.equal(p, p0)
     assert moved
+
+
+def test_trainer_max_grad_norm_clips_the_rectified_gradient(tmp_path: Path) -> None:
+    """TrainingArguments.max_grad_norm is applied by GRU to the final gradient, right
+    before the inner step, never to the unrectified one between backward and step (with
+    a retain_weight term in .grad that clip would also make the rectification wrong)."""
+    objective = "ga"
+    forget, retain = forget_retain()
+    forget = forget[:4]
+    lr, clip = 0.05, 0.5
+    model = tiny_model("gpt2", seed=1)
+    expected = copy.deepcopy(model)
+    _closure_path_reference(expected, PairedUnlearningDataset(forget, retain), objective, 2, lr,
+                            retain_weight=0.5, max_grad_norm=clip)
+    trainer = GRUTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, learning_rate=lr, optim="sgd",
+                           max_grad_norm=clip, per_device_train_batch_size=4),
+        train_dataset=PairedUnlearningDataset(forget, retain),
+        processing_class=tiny_tokenizer(),
+        objective=objective,
+        gru_kwargs={"retain_weight": 0.5},
+    )
+    trainer.train()
+    assert trainer.gru_optimizer.max_grad_norm == clip
+    assert float(trainer.gru_optimizer.last_stats["clip_coef"]) < 1.0  # the bound bit
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["grad_norm"] > clip for h in logs)
+    for (n, p), q in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_idk_dpo_prefers_the_refusal(tmp_path: Path) -> None:
