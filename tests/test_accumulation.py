@@ -52,7 +52,8 @@ def batches(n: int, dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
     ]
 
 
-def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int = 3, **gru: Any):
+def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int = 3,
+          post: bool = False, **gru: Any):
     model = Net(dtype)
     opt = GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), **gru)
     stats = []
@@ -74,12 +75,25 @@ def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int 
                 total += loss.detach()
             return total
 
+        def post_gradient() -> Tensor:
+            # A gradient added after rectification (the authors' +KL): here the retain
+            # head on the forget inputs, over the micro-batches too.
+            total = torch.zeros((), dtype=dtype)
+            for x, y in zip(xf.chunk(micro), yf.chunk(micro)):
+                loss = 0.3 * F.cross_entropy(model.retain_head(model.body(x)), y % 2) / micro
+                loss.backward()
+                total += loss.detach()
+            return total
+
         opt.zero_grad()
         if path == "closures":
-            opt.step(forget, retain)
+            opt.step(forget, retain, post_gradient if post else None)
         else:
             with opt.retain_pass():
                 retain()
+            if post:
+                with opt.post_pass():
+                    post_gradient()
             forget()
             opt.step()
         stats.append({k: v.clone() for k, v in opt.last_stats.items()})
@@ -100,11 +114,14 @@ CONFIGS = [
     {"gamma": 0.8, "granularity": "tensor"},
     {"gamma": 0.8, "retain_weight": 0.5},
     {"gamma": 0.8, "space": "update"},
+    {"gamma": 0.8, "cos_clip": -0.3},
+    {"gamma": 0.8, "post": True, "max_grad_norm": 0.05},
 ]
 
 
 @pytest.mark.parametrize("path", ["closures", "closure_free"])
-@pytest.mark.parametrize("gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update"])
+@pytest.mark.parametrize("gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update",
+                                              "cos_clip", "post_and_clip"])
 def test_four_micro_batches_of_four_equal_one_batch_of_sixteen(
     path: str, gru: dict[str, Any]
 ) -> None:

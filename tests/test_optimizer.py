@@ -19,7 +19,8 @@ from conftest import (
     make_inner,
     make_net,
 )
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from gru_optim import GRUOptimizer
 
@@ -621,3 +622,182 @@ def test_retain_pass_handle_records_the_retain_loss() -> None:
     (-model(x).sum()).backward()
     opt.step()
     assert torch.isnan(opt.last_stats["retain_loss"])
+
+
+# ----------------------------------------------------------------- the authors' variants
+@pytest.mark.parametrize("granularity", ["global", "tensor", "group"])
+@pytest.mark.parametrize("threshold", [-0.5, -0.05])
+def test_cos_clip_matches_float64_reference(granularity: str, threshold: float) -> None:
+    model, opt, ref_model, ref = _pair("adam", granularity=granularity, cos_clip=threshold)
+    for t in range(STEPS + 2):
+        f, r = closures(model, t)
+        opt.zero_grad()
+        opt.step(f, r)
+        ref.step(*closures(ref_model, t))
+    assert any(h["conflict"] for h in ref.history)
+    assert_params_close(model, ref_model, rtol=1e-9, atol=1e-11)
+
+
+def test_cos_clip_is_a_partial_projection() -> None:
+    """Below the threshold the result still conflicts, at exactly the threshold cosine;
+    above it (and -1) cos clip is the paper's projection."""
+    g = torch.tensor([-1.0, 0.2, 0.0], dtype=torch.float64)
+    m = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    for threshold, expect in ((-0.5, None), (-1.0, "full")):
+        p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = GRUOptimizer(torch.optim.SGD([p], lr=0.0), gamma=1.0, cos_clip=threshold)
+        with opt.retain_pass():
+            p.grad = m.clone()
+        p.grad = g.clone()
+        opt.step()
+        out = p.grad
+        if expect == "full":
+            assert float(out @ m) == pytest.approx(0.0, abs=1e-15)
+        else:
+            # ||g|| ||m|| (cos - threshold) with cos(g, m) = -1 / sqrt(1.04)
+            gn = float(g.norm())
+            assert float(out @ m) == pytest.approx(gn * (float(g @ m) / gn - threshold))
+    with pytest.raises(ValueError, match="cos_clip"):
+        GRUOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(2))]), cos_clip=-0.5,
+                     retain_weight=0.5)
+
+
+def _post(model: Net, t: int):
+    xf, yf = batch(t, "forget", next(model.parameters()).dtype)
+
+    def post() -> Tensor:
+        # A KL-like term toward a fixed target on the forget inputs (the authors' +KL).
+        logits = model.head(model.body(xf))
+        loss = 2.0 * F.kl_div(F.log_softmax(logits, -1),
+                              torch.full_like(logits, 1.0 / logits.shape[-1]),
+                              reduction="batchmean")
+        loss.backward()
+        return loss
+
+    return post
+
+
+@pytest.mark.parametrize("kw", [{}, {"retain_weight": 0.5}, {"granularity": "tensor"}],
+                         ids=["plain", "with_retain_weight", "tensor"])
+def test_post_rectification_closure_matches_float64_reference(kw: dict) -> None:
+    model, opt, ref_model, ref = _pair("adamw_foreach", **kw)
+    for t in range(STEPS):
+        f, r = closures(model, t)
+        opt.zero_grad()
+        opt.step(f, r, _post(model, t))
+        ref.step(*closures(ref_model, t), post_fn=_post(ref_model, t))
+        assert torch.isfinite(opt.last_stats["post_loss"])
+    assert any(h["conflict"] for h in ref.history)
+    assert_params_close(model, ref_model, rtol=1e-9, atol=1e-11)
+    # The memory keeps only the retain gradient.
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        m, mr = opt.retain_memory(p), ref.memory(q)
+        assert (m is None) == (mr is None)
+        if m is not None:
+            torch.testing.assert_close(m, mr, rtol=1e-9, atol=1e-12)
+
+
+def test_post_pass_in_the_closure_free_path_is_identical() -> None:
+    a, b = make_net(), make_net()
+    oa = GRUOptimizer(make_inner("adam", a), retain_weight=0.25)
+    ob = GRUOptimizer(make_inner("adam", b), retain_weight=0.25)
+    for t in range(STEPS):
+        f, r = closures(a, t)
+        oa.step(f, r, _post(a, t))
+        xf, yf = batch(t, "forget")
+        xr, yr = batch(t, "retain")
+        with ob.retain_pass():
+            b.retain_loss(xr, yr).backward()
+        with ob.post_pass():
+            _post(b, t)()
+        b.forget_loss(xf, yf).backward()
+        ob.step()
+    assert_params_equal(a, b)
+
+
+def test_post_pass_out_of_order_is_refused() -> None:
+    model = make_net()
+    opt = GRUOptimizer(make_inner("adam", model))
+    with pytest.raises(RuntimeError, match="needs a retain side first"):
+        with opt.post_pass():
+            pass
+    with opt.retain_pass():
+        model.retain_loss(*batch(0, "retain")).backward()
+    model.forget_loss(*batch(0, "forget")).backward()
+    with pytest.raises(RuntimeError, match="before the forget backward"):
+        with opt.post_pass():
+            pass
+
+
+# ----------------------------------------------------------------- hyperparameters in groups
+def test_hyperparameters_live_in_the_param_groups_and_can_differ_per_group() -> None:
+    model = make_net()
+    ref_model = copy.deepcopy(model)
+    opt = GRUOptimizer(make_inner("sgd_momentum", model), gamma=0.8)
+    opt.param_groups[1]["gru_gamma"] = 0.3
+    opt.param_groups[1]["gru_retain_weight"] = 0.5
+    sd = opt.state_dict()
+    assert [g["gru_gamma"] for g in sd["param_groups"]] == [0.8, 0.3]
+    with pytest.raises(ValueError, match="differs between parameter groups"):
+        _ = opt.gamma
+    # Per-group gamma and retain_weight: the float64 reference with two optimizers' worth
+    # of groups, by hand (the memory of group 1 folds with 0.3).
+    ref_inner = make_inner("sgd_momentum", ref_model)
+    ref = ReferenceGRU(ref_inner, gamma=0.8)
+    body = {id(p) for p in ref_model.body.parameters()}
+    for t in range(3):
+        f, r = closures(model, t)
+        opt.zero_grad()
+        opt.step(f, r)
+        # The reference: fold group 0 with 0.8 and group 1 with 0.3, then project.
+        params = ref.params()
+        for p in params:
+            p.grad = None
+        closures(ref_model, t)[1]()
+        g_r = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
+        for p in params:
+            gm = 0.8 if id(p) in body else 0.3
+            if id(p) in g_r:
+                ref.ema[id(p)] = gm * g_r[id(p)] + (1 - gm) * ref.ema.get(id(p), 0.0)
+            elif id(p) in ref.ema:
+                ref.ema[id(p)] = (1 - gm) * ref.ema[id(p)]
+            p.grad = None
+        closures(ref_model, t)[0]()
+        from _reference import _flat, _unflat, project_flat
+
+        members = [p for p in params if p.grad is not None or id(p) in ref.ema]
+        gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in members]
+        ms = [ref.ema.get(id(p), torch.zeros_like(p)) for p in members]
+        x, _, _ = project_flat(_flat(gs), _flat(ms))
+        for p, v in zip(members, _unflat(x, gs)):
+            w = 0.0 if id(p) in body else 0.5
+            p.grad = v + w * g_r.get(id(p), torch.zeros_like(v))
+        ref_inner.step()
+    assert_params_close(model, ref_model, rtol=1e-9, atol=1e-11)
+
+
+def test_a_scheduler_can_change_gamma_between_steps() -> None:
+    model = make_net()
+    opt = GRUOptimizer(make_inner("adam", model), gamma=1.0)
+    opt.step(*closures(model, 0))
+    m0 = opt.retain_memory(model.head.weight).clone()
+    for g in opt.param_groups:  # what a user scheduler does, like lr schedulers with "lr"
+        g["gru_gamma"] = 0.5
+    r_model = copy.deepcopy(model)
+    opt.step(*closures(model, 1))
+    _, r = closures(r_model, 1)
+    r()
+    want = 0.5 * r_model.head.weight.grad + 0.5 * m0
+    torch.testing.assert_close(opt.retain_memory(model.head.weight), want, rtol=1e-12, atol=1e-14)
+
+
+def test_an_old_checkpoint_without_the_group_keys_still_loads() -> None:
+    model = make_net()
+    opt = GRUOptimizer(make_inner("adam", model), gamma=0.6)
+    opt.step(*closures(model, 0))
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        del g["gru_gamma"], g["gru_retain_weight"]
+    opt2 = GRUOptimizer(make_inner("adam", make_net()), gamma=0.6)
+    opt2.load_state_dict(sd)
+    assert all(g["gru_gamma"] == 0.6 for g in opt2.param_groups)
