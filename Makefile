@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 EXTRAS := test,bench,hf,study
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean lint
 
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,18 @@ docs: $(DOCS_STAMP)
 
 docs-serve: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Lint and type check (ruff, mypy: configuration in pyproject.toml), as .ci/run and the
+# pre-commit hooks run them.
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[lint]"
+	touch $@
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check gru_optim tests benchmarks docs
+	$(BIN)/ruff format --check gru_optim tests benchmarks docs
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

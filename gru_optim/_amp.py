@@ -105,7 +105,8 @@ class AmpBoundary:
         scale = self.scaler._scale  # noqa: SLF001 - the one read of the scale
         if scale is None:
             return None
-        return scale.double().reciprocal().float().to(device)
+        inv: Tensor = scale.double().reciprocal().float().to(device)
+        return inv
 
     def reject_scaler_step(self, opt: Any) -> None:
         """``GradScaler.step(opt)`` on a GRU optimizer built without ``grad_scaler=``

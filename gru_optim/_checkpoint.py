@@ -93,7 +93,12 @@ def _check_inner_entry(
             )
         for name, v in entry.items():
             c = current[name]
-            if isinstance(v, Tensor) and isinstance(c, Tensor) and name != "step" and v.shape != c.shape:
+            if (
+                isinstance(v, Tensor)
+                and isinstance(c, Tensor)
+                and name != "step"
+                and v.shape != c.shape
+            ):
                 raise ValueError(
                     f"state {name!r} of parameter {k} has shape {tuple(v.shape)}, this "
                     f"optimizer's {tuple(c.shape)}: the state dict comes from another model"
@@ -150,7 +155,9 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
             inner_state[k] = entry
     if with_memory:
         key_of = {id(p): k for k, p in id_to_param.items()}
-        absent = [key_of[id(p)] for p in opt._trainable() if key_of[id(p)] not in state_dict["state"]]
+        absent = [
+            key_of[id(p)] for p in opt._trainable() if key_of[id(p)] not in state_dict["state"]
+        ]
         if absent:
             raise ValueError(
                 f"the state dict has no entry for parameter(s) {absent[:8]}, which are "

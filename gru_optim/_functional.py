@@ -141,7 +141,9 @@ def tensor_sq_norms(
     return _stack_scalars(out, tensors[0].device).square()
 
 
-def tensor_dots(a: Sequence[Tensor], b: Sequence[Tensor], *, dtype: torch.dtype | None = None) -> Tensor:
+def tensor_dots(
+    a: Sequence[Tensor], b: Sequence[Tensor], *, dtype: torch.dtype | None = None
+) -> Tensor:
     """``<a[i], b[i]>`` for every ``i``, as one 1-D tensor, accumulated in float32 or wider
     (``dtype`` when given).
 
@@ -185,7 +187,7 @@ def segment_sum(values: Tensor, segments: Sequence[int] | None) -> Tensor:
         raise ValueError(f"segments add up to {sum(segments)}, expected {values.shape[0]}")
     if len(segments) == values.shape[0]:
         return values
-    return torch.stack([v.sum(0) for v in values.split(list(segments))])
+    return torch.stack([v.sum(0) for v in torch.split(values, list(segments))])
 
 
 def expand_segments(per_segment: Tensor, segments: Sequence[int] | None, n: int) -> Tensor:
@@ -225,15 +227,20 @@ def cosclip_coefficients(
     """
     positive = ema_sq_norm > 0
     safe = torch.where(positive, ema_sq_norm, torch.ones_like(ema_sq_norm))
-    floor = torch.as_tensor(threshold, dtype=dot.dtype, device=dot.device) * (
-        grad_sq_norm.to(dot.dtype) * ema_sq_norm
-    ).sqrt()
+    floor = (
+        torch.as_tensor(threshold, dtype=dot.dtype, device=dot.device)
+        * (grad_sq_norm.to(dot.dtype) * ema_sq_norm).sqrt()
+    )
     clipped = torch.minimum(torch.maximum(dot, floor), torch.zeros_like(dot))
     return torch.where(positive, clipped / safe, torch.zeros_like(dot))
 
 
-def sum_sq(tensors: Sequence[Tensor], *, all_reduce: Callable[[Tensor], None] | None = None,
-           foreach: bool | None = None) -> Tensor:
+def sum_sq(
+    tensors: Sequence[Tensor],
+    *,
+    all_reduce: Callable[[Tensor], None] | None = None,
+    foreach: bool | None = None,
+) -> Tensor:
     """``sum ||t||^2`` over ``tensors`` as a 0-dim tensor (summed across processes with
     ``all_reduce``). Infinite only if an element is not finite, or, off the CPU, if the
     float32 sum overflows: on the CPU an overflowing float32 sum is recomputed in
@@ -278,7 +285,8 @@ def total_norm(
         total = sq.sum().reshape(1)
         all_reduce(total)
         return total[0].sqrt()
-    return torch.linalg.vector_norm(sq.sqrt())
+    out: Tensor = torch.linalg.vector_norm(sq.sqrt())
+    return out
 
 
 def project_(

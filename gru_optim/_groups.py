@@ -46,11 +46,13 @@ def real(
         shape = tuple(getattr(value, "shape", ()))
         dtype = getattr(value, "dtype", None)
         is_bool = dtype == torch.bool or str(dtype) == "bool"
-        is_complex = (isinstance(dtype, torch.dtype) and dtype.is_complex) or "complex" in str(dtype)
+        is_complex = (isinstance(dtype, torch.dtype) and dtype.is_complex) or "complex" in str(
+            dtype
+        )
         if shape != () or is_bool or is_complex:
             raise TypeError(f"{name} must be a real number{what}, got {value!r}")
         value = value.item()
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number{what}, got {value!r}")
     x = float(value)
     if not math.isfinite(x):
@@ -65,8 +67,14 @@ def real(
 
 
 def check_gamma(value: Any, where: str = "") -> float:
-    return real("gamma", value, low=0.0, high=1.0, low_open=True,
-                what=f" (it weighs the new retain gradient){where}")
+    return real(
+        "gamma",
+        value,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        what=f" (it weighs the new retain gradient){where}",
+    )
 
 
 def check_retain_weight(value: Any, where: str = "") -> float:
@@ -102,6 +110,11 @@ def read_groups(
     for i, g in enumerate(groups):
         where = f" (param_groups[{i}])"
         rule = {k: check(g[k], where) for k, check in rule_checks.items()}
-        out.append(Hyper(check_gamma(g[GAMMA_KEY], where),
-                         check_retain_weight(g[RETAIN_WEIGHT_KEY], where), rule))
+        out.append(
+            Hyper(
+                check_gamma(g[GAMMA_KEY], where),
+                check_retain_weight(g[RETAIN_WEIGHT_KEY], where),
+                rule,
+            )
+        )
     return out

@@ -1,18 +1,19 @@
-"""``GRUOptimizer``: the stateful shell that orchestrates one GRU step.
+"""``GRUOptimizer``: the public API and the orchestration of one GRU step.
 
 A step has four parts, each in its own module: the retain side folds the retain gradient
 into the memory (:mod:`._memory`), the forget side asks the rule (:mod:`._rules`) to
-rectify the forget gradient over the segments of the partition (:mod:`._partition`),
-summing across processes at one boundary (:mod:`._reduce`), with gradient scaling at
-another (:mod:`._amp`); then the inner optimizer steps (:mod:`._inner`) and the
-statistics are recorded (:mod:`._stats`). ``docs/design.md`` draws it.
+rectify the forget gradient over the segments of the partition (:mod:`._partition`), in
+the chosen space (:mod:`._spaces`), summing across processes at one boundary
+(:mod:`._reduce`), with gradient scaling at another (:mod:`._amp`); then the inner
+optimizer steps (:mod:`._inner`) and the statistics are recorded (:mod:`._stats`). The
+sides themselves are in :mod:`._sides`. ``docs/design.md`` draws it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._amp import AmpBoundary
-from ._functional import clip_coefficient, sum_sq, tensor_dots, tensor_sq_norms, total_norm
 from ._checkpoint import load_state, save_state
 from ._groups import (
     GAMMA_KEY,
@@ -29,38 +29,20 @@ from ._groups import (
     check_gamma,
     check_retain_weight,
     fill_groups,
-    read_groups,
     real,
 )
-from ._inner import needs_closure, step_inner
+from ._inner import needs_closure
 from ._memory import EMA_KEY, RetainMemory
-from ._partition import PARTITIONS, Granularity, Layout, group_of_segments
-from ._pending import GradWatch, Pending, RetainPass, signature
-from ._reduce import Reducer, local
+from ._partition import PARTITIONS, Granularity
+from ._pending import Pending, RetainPass, signature
 from ._rules import CosClip, Projection, Rule
-from ._spaces import SPACES, closure_driven_step
-from ._stats import SkipReason, plain_stats, reason_of, step_stats
+from ._sides import Closure, _Sides, check_loss
+from ._spaces import SPACES
 
 __all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
 
-Closure = Callable[[], Any]
 
-
-def _check_loss(loss: Any, what: str) -> Any:
-    """A closure returns its scalar loss (or nothing)."""
-    if loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
-        return loss
-    if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(
-                f"the {what} returned a tensor of shape {tuple(loss.shape)}; it must return "
-                "the scalar loss it back-propagated (reduce it with .mean() or .sum())"
-            )
-        return loss
-    raise TypeError(f"the {what} must return its loss (a scalar tensor), got {type(loss).__name__}")
-
-
-class GRUOptimizer(Optimizer):
+class GRUOptimizer(_Sides, Optimizer):
     r"""Gradient Rectified Unlearning around any ``torch.optim`` optimizer.
 
     Keeps an exponential moving average of the retain gradient,
@@ -161,7 +143,8 @@ class GRUOptimizer(Optimizer):
         retain_weight = check_retain_weight(retain_weight)
         if granularity not in PARTITIONS:
             raise ValueError(
-                f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, got {granularity!r}"
+                f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, "
+                f"got {granularity!r}"
             )
         if space not in SPACES:
             raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
@@ -214,7 +197,7 @@ class GRUOptimizer(Optimizer):
         """The wrapped optimizer."""
         return self._inner
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self._inner.param_groups
 
@@ -223,7 +206,7 @@ class GRUOptimizer(Optimizer):
         if not self.__dict__.get("_initializing", False):
             self._inner.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self._inner.state
 
@@ -232,7 +215,7 @@ class GRUOptimizer(Optimizer):
         if not self.__dict__.get("_initializing", False):
             self._inner.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self._inner.defaults
 
@@ -254,7 +237,9 @@ class GRUOptimizer(Optimizer):
     def _uniform(self, key: str) -> Any:
         values = [g.get(key, self._hdefaults[key]) for g in self.param_groups]
         if any(v != values[0] for v in values):
-            raise ValueError(f"{key} differs between parameter groups; read param_groups[i][{key!r}]")
+            raise ValueError(
+                f"{key} differs between parameter groups; read param_groups[i][{key!r}]"
+            )
         return values[0]
 
     @property
@@ -293,67 +278,6 @@ class GRUOptimizer(Optimizer):
     def grad_scaler(self) -> Any:
         return self._amp.scaler
 
-    def _read_hyper(self) -> list[Hyper]:
-        checks = {k: (lambda v, where, k=k: self._rule.check(k, v, where)) for k in self._rule.hyperparameters}
-        return read_groups(self._inner.param_groups, self._hdefaults, checks)
-
-    def _check_combinations(self, hypers: list[Hyper]) -> None:
-        weighted = any(h.retain_weight != 0.0 for h in hypers)
-        if weighted and isinstance(self._rule, CosClip):
-            raise ValueError(
-                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
-                "separate from a retain_weight term kept in .grad: use retain_weight=0 "
-                "with cos_clip"
-            )
-        if self._closure_driven and (weighted or self._amp.scaler is not None):
-            raise ValueError(
-                f"{type(self._inner).__name__} re-evaluates its closure inside step(): GRU "
-                "supports it with retain_weight=0 and without grad_scaler"
-            )
-
-    # ------------------------------------------------------------------ parameters
-    def _params(self) -> list[Tensor]:
-        seen: set[int] = set()
-        out = []
-        for group in self._inner.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
-
-    def _trainable(self) -> list[Tensor]:
-        """The parameters GRU acts on: a frozen one (``requires_grad=False``) never gets
-        a gradient from GRU and never enters a fold or a dot product."""
-        return [p for p in self._params() if p.requires_grad]
-
-    def _group_index(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for i, group in enumerate(self._inner.param_groups):
-            for p in group["params"]:
-                out.setdefault(id(p), i)
-        return out
-
-    @staticmethod
-    def _check_grads(params: list[Tensor]) -> None:
-        for p in params:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(
-                    "GRUOptimizer does not support sparse gradients (layout "
-                    f"{g.layout}); use dense embeddings (sparse=False)"
-                )
-            if g.is_complex():
-                raise RuntimeError(
-                    "GRUOptimizer does not support complex parameters: the projection is "
-                    "defined for real gradients; view them with torch.view_as_real"
-                )
-
-    def _checking(self) -> bool:
-        return self.skip_nonfinite or self._amp.enabled
-
     # ------------------------------------------------------------------ zero_grad, pickling
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used
@@ -379,11 +303,6 @@ class GRUOptimizer(Optimizer):
                 )
             self._discard_pending()
         self._inner.zero_grad(set_to_none=set_to_none)
-
-    def _discard_pending(self) -> None:
-        if self._pending is not None:
-            self._pending.close()
-        self._pending = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
@@ -436,11 +355,14 @@ class GRUOptimizer(Optimizer):
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
         hypers = self._read_hyper()
-        handle = RetainPass(_check_loss(loss, "retain_pass loss") if loss is not None else None)
+        handle = RetainPass(check_loss(loss, "retain_pass loss") if loss is not None else None)
         self._in_retain_pass = True
         try:
-            with self._retain_side(hypers, "no gradient was computed inside retain_pass(): "
-                                   "call backward on the retain loss inside the with-block") as record:
+            with self._retain_side(
+                hypers,
+                "no gradient was computed inside retain_pass(): "
+                "call backward on the retain loss inside the with-block",
+            ) as record:
                 yield handle
                 record(handle.loss)
         finally:
@@ -472,126 +394,8 @@ class GRUOptimizer(Optimizer):
             self._discard_pending()
             raise
 
-    @contextlib.contextmanager
-    def _retain_side(self, hypers: list[Hyper], no_grad: str) -> Iterator[Callable[[Any], None]]:
-        """Clear stale gradients, let the caller back-propagate the retain loss, fold.
-
-        Gradients present when the retain side starts belong to no pass of this step (a
-        previous step's, or a forget backward run too early): they are cleared as
-        ``zero_grad(set_to_none=True)`` clears them, so the memory only ever receives the
-        retain loss's gradient.
-        """
-        params = self._trainable()
-        for p in params:
-            p.grad = None
-        losses: list[Any] = []
-        yield losses.append
-        if all(p.grad is None for p in params):
-            raise RuntimeError(no_grad)
-        self._fold(params, losses[0] if losses else None, hypers)
-
-    @contextlib.contextmanager
-    def _post_side(self) -> Iterator[Callable[[Any], None]]:
-        pending = self._pending
-        params = self._trainable()
-        if pending is None:
-            raise RuntimeError(
-                "a post-rectification pass needs a retain side first: retain_pass() (or a "
-                "retain_closure), then the post pass, then the forget backward and step()"
-            )
-        if isinstance(self._rule, CosClip):
-            raise ValueError(
-                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
-                "separate from a post-rectification gradient kept in .grad"
-            )
-        if signature(params) != pending.signature:
-            raise RuntimeError(
-                "the post-rectification pass must run right after the retain side and "
-                "before the forget backward (the gradients changed since the retain side)"
-            )
-        losses: list[Any] = []
-        yield losses.append
-        if signature(params) == pending.signature:
-            raise RuntimeError(
-                "the post-rectification pass computed no gradient: call backward on its loss"
-            )
-        self._check_grads(params)
-        pending.post = True
-        if losses and losses[0] is not None:
-            pending.extra["post_loss"] = losses[0]
-        self._keep_in_grad(params, pending)
-
-    def _fold(self, params: list[Tensor], loss: Any, hypers: list[Hyper]) -> None:
-        """Fold the retain gradient now in ``.grad`` into the memory and leave the step's
-        record in ``self._pending``."""
-        self._check_grads(params)
-        self._amp.unscale_retain()
-        gi = self._group_index()
-        with torch.no_grad():
-            with_grad = [p for p in params if p.grad is not None]
-            grads = [local(p.grad) for p in with_grad]  # type: ignore[arg-type]
-            device = grads[0].device
-            reason = torch.zeros((), dtype=torch.long, device=device)
-            if self._checking():
-                reducer = Reducer.for_params(with_grad)
-                total = sum_sq(grads, all_reduce=reducer.fn, foreach=self.foreach)
-                risk = self._memory.overflow_risk(with_grad, grads)
-                if risk is not None:  # float16 memory only
-                    risk = risk.to(total).reshape(1)
-                    reducer.sum_(risk)
-                reason = reason_of(
-                    (~torch.isfinite(total), SkipReason.RETAIN_NONFINITE),
-                    (risk[0] > 0 if risk is not None else torch.zeros((), dtype=torch.bool),
-                     SkipReason.MEMORY_OVERFLOW),
-                    device=device,
-                )
-            else:
-                total = tensor_sq_norms(grads, foreach=self.foreach).sum()
-            if not self._skip(reason):  # the retain side's one host read
-                gamma = {id(p): hypers[gi[id(p)]].gamma for p in params}
-                self._memory.fold_(with_grad, grads, params, gamma, foreach=self.foreach)
-            pending = Pending(
-                loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
-                grad_norm=total.sqrt(),
-                reason=reason,
-            )
-            by_weight: dict[float, list[Tensor]] = {}
-            for p in with_grad:
-                w = hypers[gi[id(p)]].retain_weight
-                if w == 0.0:
-                    # Cleared the way zero_grad(set_to_none=True) clears them: no write
-                    # pass, and the forget backward then stores its gradient instead of
-                    # adding it to zeros. DDP re-points them at its buckets, FSDP2
-                    # re-creates them.
-                    p.grad = None
-                else:
-                    by_weight.setdefault(w, []).append(local(p.grad))  # type: ignore[arg-type]
-            for w, gs in by_weight.items():
-                # Kept scaled like the gradients a scaled forget backward adds on top, so
-                # that one unscale of the sum is right.
-                torch._foreach_mul_(gs, self._amp.scaled(w, device))
-            self._pending = pending
-            if by_weight:
-                self._keep_in_grad(params, pending)
-            else:
-                pending.signature = signature(params)
-
-    def _keep_in_grad(self, params: list[Tensor], pending: Pending) -> None:
-        """Part of the final gradient stays in ``.grad`` through the forget backward:
-        record its dot products with the memory, and watch for in-place changes."""
-        pending.close()
-        if SPACES[self.space].keeps_offsets:
-            with torch.no_grad():
-                kept = [p for p in params if p.grad is not None and p in self._memory]
-                if kept:
-                    d = tensor_dots([local(p.grad) for p in kept], self._memory.locals(kept))  # type: ignore[arg-type,misc]
-                    inv = self._amp.inv_scale(d.device)
-                    pending.offsets = dict(zip(kept, (d if inv is None else d * inv.to(d)).unbind()))
-            pending.watch = GradWatch(params)
-        pending.signature = signature(params)
-
     # ------------------------------------------------------------------ step
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Closure | None = None,
         retain_closure: Closure | None = None,
@@ -627,22 +431,33 @@ class GRUOptimizer(Optimizer):
         same weights once more (one more step of the moving average). Undoing the fold
         would need a second parameter-sized buffer.
         """
-        for name, fn in (("closure", closure), ("retain_closure", retain_closure),
-                         ("post_closure", post_closure)):
+        for name, fn in (
+            ("closure", closure),
+            ("retain_closure", retain_closure),
+            ("post_closure", post_closure),
+        ):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
         self._amp.reject_scaler_step(self)
         if retain_closure is None and post_closure is None and self._pending is None:
             return self._plain_step(closure)
         if retain_closure is not None and self._pending is not None:
-            raise RuntimeError("step() got a retain_closure after a retain_pass(); use one or the other")
+            raise RuntimeError(
+                "step() got a retain_closure after a retain_pass(); use one or the other"
+            )
         hypers = self._read_hyper()
         self._check_combinations(hypers)
         try:
             if retain_closure is not None:
-                with self._retain_side(hypers, "the retain closure computed no gradient: it must "
-                                       "call loss.backward() and return the loss") as record, torch.enable_grad():
-                    record(_check_loss(retain_closure(), "retain closure"))
+                with (
+                    self._retain_side(
+                        hypers,
+                        "the retain closure computed no gradient: it must "
+                        "call loss.backward() and return the loss",
+                    ) as record,
+                    torch.enable_grad(),
+                ):
+                    record(check_loss(retain_closure(), "retain closure"))
             if self._closure_driven:
                 if closure is None:
                     raise RuntimeError(
@@ -652,7 +467,7 @@ class GRUOptimizer(Optimizer):
                 return self._closure_driven_step(closure, hypers)
             if post_closure is not None:
                 with self._post_side() as record, torch.enable_grad():
-                    record(_check_loss(post_closure(), "post_closure"))
+                    record(check_loss(post_closure(), "post_closure"))
             pending = self._pending
             assert pending is not None
             loss = self._run_forget(closure) if closure is not None else None
@@ -660,176 +475,6 @@ class GRUOptimizer(Optimizer):
             return loss
         finally:
             self._discard_pending()
-
-    def _run_forget(self, closure: Closure) -> Any:
-        self._in_forget_closure = True
-        try:
-            with torch.enable_grad():
-                return _check_loss(closure(), "forget closure")
-        finally:
-            self._in_forget_closure = False
-
-    def _plain_step(self, closure: Closure | None) -> Any:
-        """No retain side: the inner optimizer's step (skipped on a scaler overflow)."""
-        params = self._trainable()
-        clipping = self.max_grad_norm is not None
-        if not self._amp.enabled:
-            out = step_inner(self._inner, closure)
-            self.last_stats = plain_stats(self._stats_device(params), out, clipping=clipping)
-            return out
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_grads(params)
-        self._amp.unscale_forget()
-        device = self._stats_device(params)
-        found = self._amp.found_inf(device)
-        reason = reason_of((found, SkipReason.SCALER_OVERFLOW), device=device)  # type: ignore[arg-type]
-        if not bool(reason != 0):
-            step_inner(self._inner)
-        self.last_stats = plain_stats(device, loss, reason, clipping=clipping)
-        return loss
-
-    def _forget_side(self, pending: Pending, loss: Any, hypers: list[Hyper]) -> None:
-        """Rectify the forget gradient now in ``.grad`` and step (in the chosen space)."""
-        params = self._trainable()
-        if signature(params) == pending.signature:
-            raise RuntimeError(
-                "no forget gradient: the forget closure (or the code before step()) must "
-                "call backward on the forget loss, after the retain side: retain closure "
-                "or retain_pass() first, then the forget backward, then step(); gradients "
-                "present when the retain side starts are discarded as stale"
-            )
-        self._check_grads(params)
-        if pending.watch is not None:
-            changed = pending.watch.changed(allowed=1 if self._amp.caller_unscaled() else 0)
-            if changed:
-                raise RuntimeError(
-                    f"{len(changed)} gradient(s) were changed in place (clipped?) after the "
-                    "backward passes and before step(), while part of the final gradient "
-                    "(retain_weight or a post pass) sits in .grad: the rectification would "
-                    "be wrong. Clip with GRUOptimizer(max_grad_norm=...) instead, which "
-                    "clips the rectified gradient right before the inner step"
-                )
-        self._amp.unscale_forget()
-        with torch.no_grad():
-            layout = self._layout(params, hypers, zero_fill=True)
-            vectors = [local(p.grad) for p in layout.members]  # type: ignore[arg-type]
-            device = vectors[0].device
-            offsets = None
-            if pending.offsets:
-                zero = torch.zeros((), device=device)
-                offsets = torch.stack([pending.offsets.get(p, zero).to(device) for p in layout.members])
-            found = self._amp.found_inf(device)
-            before = pending.reason.to(device)
-            if found is not None:
-                before = torch.where(before != 0, before, reason_of((found, SkipReason.SCALER_OVERFLOW), device=device))
-            result = SPACES[self.space].step(self, layout, vectors, offsets, before, params)
-        self._record(pending, loss, result)
-
-    def _closure_driven_step(self, closure: Closure, hypers: list[Hyper]) -> Any:
-        pending = self._pending
-        assert pending is not None
-        self._discard_pending()
-        if self._skip(pending.reason):
-            self.last_stats = plain_stats(pending.grad_norm.device, None, pending.reason,
-                                          clipping=self.max_grad_norm is not None)
-            return None
-        out, result = closure_driven_step(
-            self, closure, lambda: self._run_forget(closure),
-            lambda params: self._layout(params, hypers, zero_fill=self.space == "gradient"),
-        )
-        self._record(pending, None, result, loss_fallback=out)
-        return out
-
-    def _layout(self, params: list[Tensor], hypers: list[Hyper], *, zero_fill: bool) -> Layout:
-        """The members of this step (trainable parameters with a gradient or a memory),
-        their directions, segments, per-segment rule hyperparameters and reducer. With
-        ``zero_fill`` a member with a memory but no gradient gets a zero gradient: its
-        forget gradient is zero, and it takes its share of the correction."""
-        members = [p for p in params if p.grad is not None or p in self._memory]
-        if zero_fill:
-            for p in members:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        segments = PARTITIONS[self.granularity](members, self._inner.param_groups)
-        return Layout(members, self._memory.locals(members), segments,
-                      self._segment_hyper(members, segments, hypers), Reducer.for_params(members))
-
-    def _segment_hyper(self, members: list[Tensor], segments: list[int] | None,
-                       hypers: list[Hyper]) -> list[dict[str, float]]:
-        """The rule's hyperparameters per segment (the groups of a segment must agree)."""
-        n = 1 if segments is None else len(segments)
-        if not self._rule.hyperparameters:
-            return [{}] * n
-        out = []
-        for groups in group_of_segments(members, segments, self._group_index()):
-            values = [hypers[g].rule for g in groups]
-            if any(v != values[0] for v in values):
-                raise ValueError(
-                    f"the parameter groups {groups} share one segment (granularity="
-                    f"{self.granularity!r}) but have different {sorted(values[0])}: use "
-                    "granularity='group' or the same values"
-                )
-            out.append(values[0] if values else self._rule.defaults())
-        return out
-
-    def _record(self, pending: Pending, loss: Any, result: Any, loss_fallback: Any = None) -> None:
-        sol, reason, grad_norm, clip = result
-        self.last_stats = step_stats(
-            loss=loss if loss is not None else loss_fallback,
-            retain_loss=pending.loss,
-            retain_grad_norm=pending.grad_norm,
-            dot=sol.stats.dot,
-            ema_sq_norm=sol.stats.ema_sq_norm,
-            grad_sq_norm=sol.stats.grad_sq_norm,
-            coef=sol.coef,
-            reason=reason if self._checking() else torch.zeros_like(reason),
-            grad_norm=grad_norm,
-            clip_coef=clip,
-            clipping=self.max_grad_norm is not None,
-        )
-        if "post_loss" in pending.extra:
-            self.last_stats["post_loss"] = plain_stats(
-                self.last_stats["dot"].device, pending.extra["post_loss"])["forget_loss"]
-
-    def _stats_device(self, params: list[Tensor]) -> torch.device:
-        for p in params:
-            if p.grad is not None:
-                return local(p.grad).device
-        return local(params[0]).device if params else torch.device("cpu")
-
-    def _skip(self, reason: Tensor) -> bool:
-        """Whether to skip: the host read of a step (only when GRU checks)."""
-        return self._checking() and bool(reason != 0)
-
-    def _clip_(self, params: list[Tensor], reducer: Reducer) -> tuple[Tensor | None, Tensor | None]:
-        """Clip the final gradient to ``max_grad_norm`` (one norm over all processes)."""
-        if self.max_grad_norm is None:
-            return None, None
-        grads = [local(p.grad) for p in params if p.grad is not None]  # type: ignore[arg-type]
-        if not grads:
-            return None, None
-        norm = total_norm(grads, all_reduce=reducer.fn, foreach=self.foreach)
-        coef = clip_coefficient(norm, self.max_grad_norm)
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        for dev, gs in by_device.items():
-            torch._foreach_mul_(gs, coef.to(dev))
-        return norm, coef
-
-    def _buffers_like(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Reusable buffers shaped like ``tensors`` (update space's one extra buffer)."""
-        out = []
-        for t in tensors:
-            key = (t.data_ptr(), t.shape, t.dtype, t.device)
-            buf = self._update_buffers.get(key)
-            if buf is None:
-                buf = self._update_buffers[key] = torch.empty_like(t)
-            out.append(buf)
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -871,6 +516,6 @@ class GRUOptimizer(Optimizer):
 # torch.compile: a compiled function that calls step() runs it eagerly (one graph break,
 # hooks included), so that its bookkeeping across the retain and forget sides is never
 # lost between graphs. Marked as hooked, so Optimizer.__init__ does not wrap it again.
-_step = torch.compiler.disable(Optimizer.profile_hook_step(GRUOptimizer.step))
-_step.hooked = True  # type: ignore[attr-defined]
+_step = torch.compiler.disable(Optimizer.profile_hook_step(GRUOptimizer.step))  # type: ignore[no-untyped-call]
+_step.hooked = True
 GRUOptimizer.step = _step  # type: ignore[method-assign]

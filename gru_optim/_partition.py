@@ -78,15 +78,33 @@ class Layout:
         self.reducer = reducer
         self.numels = [p.numel() for p in members]
 
-    def solve(self, rule: Any, vectors: Sequence[Tensor], offsets: Tensor | None = None,
-              foreach: bool | None = None) -> Any:
+    def solve(
+        self,
+        rule: Any,
+        vectors: Sequence[Tensor],
+        offsets: Tensor | None = None,
+        foreach: bool | None = None,
+    ) -> Any:
         """``rule.solve`` over this layout."""
         return rule.solve(
-            vectors, self.directions, self.segments, self.reducer, hyper=self.hyper,
-            offsets=offsets, foreach=foreach, numels=self.numels,
+            vectors,
+            self.directions,
+            self.segments,
+            self.reducer,
+            hyper=self.hyper,
+            offsets=offsets,
+            foreach=foreach,
+            numels=self.numels,
         )
 
-    def apply_(self, rule: Any, targets: Sequence[Tensor], solution: Any, *, sign: float = 1.0,
-               foreach: bool | None = None) -> None:
+    def apply_(
+        self,
+        rule: Any,
+        targets: Sequence[Tensor],
+        solution: Any,
+        *,
+        sign: float = 1.0,
+        foreach: bool | None = None,
+    ) -> None:
         """``rule.apply_`` over this layout."""
         rule.apply_(targets, self.directions, solution, self.segments, sign=sign, foreach=foreach)

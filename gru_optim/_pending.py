@@ -64,7 +64,10 @@ class GradWatch:
         self._params = [p for p in params if getattr(p, "to_local", None) is None]
         self._versions = self._read()
         self._queued = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self._params]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._accumulated)  # type: ignore[no-untyped-call]
+            for p in self._params
+        ]
 
     def _read(self) -> dict[int, int | None]:
         return {id(p): None if p.grad is None else p.grad._version for p in self._params}

@@ -124,8 +124,13 @@ class OneDirection(Rule):
         numels: Sequence[int] | None = None,
     ) -> Solution:
         stats = segment_stats(
-            vectors, directions, segments, dot_offsets=offsets, all_reduce=reducer.fn,
-            foreach=foreach, numels=numels,
+            vectors,
+            directions,
+            segments,
+            dot_offsets=offsets,
+            all_reduce=reducer.fn,
+            foreach=foreach,
+            numels=numels,
         )
         coef = self.coefficients(stats, hyper)
         # The coefficient multiplies the memory in the vectors' arithmetic (float32 unless
@@ -160,8 +165,13 @@ class CosClip(OneDirection):
         self.threshold = self.check(COS_CLIP_KEY, threshold, "")
 
     def check(self, key: str, value: Any, where: str) -> float:
-        return real("cos_clip", value, low=-1.0, high=0.0,
-                    what=f" (a cosine threshold; the authors use -0.5){where}")
+        return real(
+            "cos_clip",
+            value,
+            low=-1.0,
+            high=0.0,
+            what=f" (a cosine threshold; the authors use -0.5){where}",
+        )
 
     def defaults(self) -> dict[str, float]:
         return {COS_CLIP_KEY: self.threshold}

@@ -29,7 +29,7 @@ from ._rules import Solution
 from ._stats import SkipReason, reason_of
 
 if TYPE_CHECKING:
-    from ._optimizer import GRUOptimizer
+    from ._sides import _Sides as GRUOptimizer
 
 __all__ = ["SPACES", "GradientSpace", "UpdateSpace", "closure_driven_step"]
 
@@ -55,8 +55,15 @@ class GradientSpace:
     keeps_offsets = True
     """The part of ``.grad`` kept from the retain side is accounted for by dot offsets."""
 
-    def step(self, opt: GRUOptimizer, layout: Layout, vectors: list[Tensor],
-             offsets: Tensor | None, before: Tensor, params: list[Tensor]) -> Result:
+    def step(
+        self,
+        opt: GRUOptimizer,
+        layout: Layout,
+        vectors: list[Tensor],
+        offsets: Tensor | None,
+        before: Tensor,
+        params: list[Tensor],
+    ) -> Result:
         sol = layout.solve(opt._rule, vectors, offsets, foreach=opt.foreach)
         reason = _forget_reason(sol, before)
         grad_norm = clip = None
@@ -73,8 +80,15 @@ class UpdateSpace:
     name = "update"
     keeps_offsets = False
 
-    def step(self, opt: GRUOptimizer, layout: Layout, vectors: list[Tensor],
-             offsets: Tensor | None, before: Tensor, params: list[Tensor]) -> Result:
+    def step(
+        self,
+        opt: GRUOptimizer,
+        layout: Layout,
+        vectors: list[Tensor],
+        offsets: Tensor | None,
+        before: Tensor,
+        params: list[Tensor],
+    ) -> Result:
         device = vectors[0].device
         g_sq = tensor_sq_norms(vectors, foreach=opt.foreach).sum().reshape(1)
         layout.reducer.sum_(g_sq)
@@ -104,7 +118,9 @@ SPACES: dict[str, Any] = {"gradient": GradientSpace(), "update": UpdateSpace()}
 
 
 def closure_driven_step(
-    opt: GRUOptimizer, closure: Callable[[], Any], run_forget: Callable[[], Any],
+    opt: GRUOptimizer,
+    closure: Callable[[], Any],
+    run_forget: Callable[[], Any],
     build_layout: Callable[[list[Tensor]], Layout],
 ) -> tuple[Any, Result]:
     """``inner.step(closure)`` for optimizers that re-evaluate their closure: in gradient

@@ -38,8 +38,6 @@ class SkipReason(enum.IntEnum):
     in float64 (the CPU does)."""
     SCALER_OVERFLOW = 5
     """The gradient scaler found an overflow (fp16 training); the scaler backs off."""
-    CLIP_NONFINITE = 6
-    """The norm of the final gradient, for ``max_grad_norm``, is not finite."""
 
 
 STAT_KEYS = (
@@ -88,7 +86,9 @@ def plain_stats(
 ) -> dict[str, Tensor]:
     """The statistics of a plain step (no retain side): nothing rectified."""
     nan = _nan(device)
-    reason = skip_reason if skip_reason is not None else torch.zeros((), dtype=torch.long, device=device)
+    reason = (
+        skip_reason if skip_reason is not None else torch.zeros((), dtype=torch.long, device=device)
+    )
     out = {k: nan for k in STAT_KEYS}
     out.update(
         rectified=torch.zeros((), dtype=torch.bool, device=device),
@@ -131,7 +131,9 @@ def step_stats(
         "skipped": reason != 0,
         "skip_reason": reason,
         "forget_loss": _loss(loss, device),
-        "retain_loss": retain_loss.reshape(()).to(device) if retain_loss is not None else _nan(device),
+        "retain_loss": retain_loss.reshape(()).to(device)
+        if retain_loss is not None
+        else _nan(device),
         "dot": total_dot,
         "cosine": torch.where(denom > 0, total_dot / torch.where(denom > 0, denom, 1.0), 0.0),
         "conflict": conflicts.any(),
