@@ -138,7 +138,6 @@ def _setup(
 
 def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
     params, retain_src, forget_src = _setup(shape)
-    grads = [p.grad for p in params]
     largest = max(p.numel() * p.element_size() for p in params)
     named = [(n, p) for (n, _), p in zip(shape.shapes(), params)]
     out: dict[str, Any] = {
@@ -193,8 +192,9 @@ def run(shape: C.ModelShape, verbose: bool = True) -> dict[str, Any]:
     transient["adamw"] = phases(lambda: None, lambda: None, adam.step)
     ema = [torch.zeros_like(p) for p in params]
     transient["gru_core"] = phases(
-        lambda: None, lambda: ema_update_(ema, [p.grad for p in params], GAMMA),
-        lambda: rectify_([p.grad for p in params], ema)
+        lambda: None,
+        lambda: ema_update_(ema, [p.grad for p in params], GAMMA),
+        lambda: rectify_([p.grad for p in params], ema),
     )
     ref = ReferenceStyleGRU(named, GAMMA)
     transient["reference"] = phases(lambda: None, ref.post_retain, ref.post_forget)

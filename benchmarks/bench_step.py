@@ -17,7 +17,10 @@ Methods:
 - ``gru``: ``GRUOptimizer`` around an optimizer whose ``step`` does nothing (the
   wrapper minus the inner step), closure-free path (``retain_pass`` + ``step``), default
   settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``).
-- ``gru_core``: the functional core alone: ``ema_update_`` then ``rectify_``.
+- ``gru_core``: the functional core alone: ``ema_update_`` then ``rectify_``, which are
+  the functions ``step()`` runs (``rectify_`` is ``segment_stats``,
+  ``conflict_coefficients`` and ``project_``, as the projection rule's ``solve`` and
+  ``apply_``), without the shell's bookkeeping (retain norm, range checks, statistics).
 - ``adamw``: one ``torch.optim.AdamW(foreach=True)`` update of the same parameters.
 - ``adamw_fused``: the same with ``fused=True`` (for information).
 - ``reference``: :class:`baselines.ReferenceStyleGRU` (the authors' approach).

@@ -280,7 +280,11 @@ def time_size(
     min_bytes = numel * ((g_bytes + 4 + 4) + (g_bytes + 4) + (g_bytes + 4 + g_bytes))
     bw = 2 * g_bytes * numel / med["copy"]
     bound = min_bytes / bw
-    ema_bytes = sum(m.numel() * m.element_size() for m in (wrapper.retain_memory(p) for p in params) if m is not None)
+    ema_bytes = sum(
+        m.numel() * m.element_size()
+        for m in (wrapper.retain_memory(p) for p in params)
+        if m is not None
+    )
     res = {
         "size": shape.name,
         "numel": numel,

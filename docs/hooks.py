@@ -6,6 +6,9 @@
   a link to the object it names (or plain code when it is not an API object of the site).
 - The ``<!-- docs-test: ... -->`` markers that tests/test_docs.py reads are HTML comments and
   never reach the page.
+- MathJax is served from the site itself (offline viewing renders the mathematics): its
+  SVG build is copied from the ``django-static-mathjax`` package of the docs extra, and the
+  build fails if a page with mathematics does not load it or loads anything from a CDN.
 """
 
 from __future__ import annotations
@@ -74,6 +77,52 @@ def resolve_roles(html: str, known: set[str], local: set[str] | None = None) -> 
         return f'<autoref identifier="{ident}" optional><code>{shown}</code></autoref>'
 
     return _LITERAL.sub(":</p>", _ROLE.sub(repl, html))
+
+
+MATHJAX_URI = "javascripts/vendor/mathjax/tex-svg.js"
+_CDN = re.compile(r"""(?:src|href)=["']https?://[^"']*(?:mathjax|unpkg|jsdelivr|cdnjs)""", re.I)
+
+
+def mathjax_source() -> Path:
+    """The MathJax 3 SVG build inside the installed ``django-static-mathjax`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mathjax")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("MathJax is missing: install the docs extra (pip install -e '.[docs]')")
+    path = Path(list(spec.submodule_search_locations)[0]) / "static/mathjax/es5/tex-svg.js"
+    if not path.is_file():
+        raise RuntimeError(f"no MathJax build at {path}")
+    return path
+
+
+def check_offline_math(site_dir: Path) -> int:
+    """Every built page with mathematics loads the site's own MathJax, and no page loads a
+    script or style from a CDN. Returns the number of pages with mathematics."""
+    pages = 0
+    for page in site_dir.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        if _CDN.search(html):
+            raise RuntimeError(f"{page} loads from a CDN: {_CDN.search(html).group(0)}")
+        if 'class="arithmatex"' in html:
+            pages += 1
+            if MATHJAX_URI.rsplit("/", 1)[-1] not in html:
+                raise RuntimeError(f"{page} has mathematics but does not load MathJax")
+    if not (site_dir / MATHJAX_URI).is_file():
+        raise RuntimeError(f"{MATHJAX_URI} was not copied into the site")
+    return pages
+
+
+def on_files(files: Any, *, config: Any, **kwargs: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(mathjax_source())))
+    return files
+
+
+def on_post_build(*, config: Any, **kwargs: Any) -> None:
+    if check_offline_math(Path(config["site_dir"])) == 0:
+        raise RuntimeError("no page with mathematics was found: the check is not looking")
 
 
 def on_config(config: Any, **kwargs: Any) -> Any:

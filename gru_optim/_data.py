@@ -39,7 +39,7 @@ def _default_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-class PairedUnlearningDataset(Dataset):
+class PairedUnlearningDataset(Dataset[dict[str, Example]]):
     """Forget examples, each paired with a retain example (and an IdK example).
 
     Item ``i`` is ``{"forget": forget[i], "retain": retain[j], "idk": idk[i]}`` (``"idk"``
@@ -173,7 +173,10 @@ def pad_examples(
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     ids = [_as_list(e["input_ids"]) for e in examples]
-    masks = [_as_list(e["attention_mask"]) if "attention_mask" in e else [1] * len(i) for e, i in zip(examples, ids)]
+    masks = [
+        _as_list(e["attention_mask"]) if "attention_mask" in e else [1] * len(i)
+        for e, i in zip(examples, ids)
+    ]
     labels = [_as_list(e["labels"]) if "labels" in e else list(i) for e, i in zip(examples, ids)]
     length = max(len(i) for i in ids)
     if pad_to_multiple_of:

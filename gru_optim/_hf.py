@@ -7,7 +7,7 @@ import copy
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +75,7 @@ class _PairedEpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         dataset = self._trainer.train_dataset
-        if hasattr(dataset, "set_epoch"):
+        if dataset is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(math.floor(state.epoch or 0.0))
 
 
@@ -137,7 +137,9 @@ class GRUTrainer(Trainer):
         elif isinstance(objective, Objective) and objective_kwargs:
             objective = objective.with_params(**objective_kwargs)
         if not isinstance(objective, Objective):
-            raise TypeError(f"objective must be a name or an Objective, got {type(objective).__name__}")
+            raise TypeError(
+                f"objective must be a name or an Objective, got {type(objective).__name__}"
+            )
         self.objective: Objective = objective
         self.gru_kwargs: dict[str, Any] = dict(gru_kwargs or {})
         if data_collator is None:
@@ -175,14 +177,21 @@ class GRUTrainer(Trainer):
         self._gru_counts: dict[str, Tensor] | None = None
         self._gru_scale = 1.0
         self._gru_log: dict[str, list[Tensor]] = {
-            "retain_loss": [], "cosine": [], "conflict": [], "grad_norm": []
+            "retain_loss": [],
+            "cosine": [],
+            "conflict": [],
+            "grad_norm": [],
         }
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (or the one passed in), wrapped in :class:`GRUOptimizer`."""
         opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
+        clip = (
+            self.args.max_grad_norm
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0
+            else None
+        )
         if not isinstance(opt, GRUOptimizer):
             kwargs = dict(self.gru_kwargs)
             kwargs.setdefault("max_grad_norm", clip)
@@ -198,6 +207,7 @@ class GRUTrainer(Trainer):
         if not getattr(opt, "_gru_trainer_hooked", False):
             opt.register_step_post_hook(self._record_step_stats)
             opt._gru_trainer_hooked = True  # type: ignore[attr-defined]
+        assert self.optimizer is not None  # set by Trainer.create_optimizer or above
         return self.optimizer
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
@@ -217,7 +227,9 @@ class GRUTrainer(Trainer):
         if stats and bool(stats["rectified"]):
             self._gru_log["cosine"].append(stats["cosine"].detach().float())
             conflict = stats["conflict"].detach().float()
-            self._gru_log["conflict"].append(torch.where(stats["rectified"], conflict, float("nan")))
+            self._gru_log["conflict"].append(
+                torch.where(stats["rectified"], conflict, float("nan"))
+            )
         if stats and "grad_norm" in stats:
             self._gru_log["grad_norm"].append(stats["grad_norm"].detach().float())
 
@@ -322,11 +334,18 @@ class GRUTrainer(Trainer):
         counts of the whole optimizer step. Returns the (detached) micro-batch loss; they
         add up to the step's loss."""
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+        if (
+            self.optimizer is not None
+            and hasattr(self.optimizer, "train")
+            and callable(self.optimizer.train)
+        ):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            # return_outputs=False: compute_loss returns the loss alone
+            loss = cast(
+                Tensor, self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            )
         self.accelerator.backward(loss)
         return loss.detach()
 
@@ -371,7 +390,9 @@ class GRUTrainer(Trainer):
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """Sum of the model's estimate over the sub-batches of a paired batch."""
         return sum(
-            int(super(GRUTrainer, self).floating_point_ops(inputs[k])) for k in _GROUPS if k in inputs
+            int(super(GRUTrainer, self).floating_point_ops(inputs[k]))
+            for k in _GROUPS
+            if k in inputs
         )
 
     # ------------------------------------------------------------------ logging
@@ -383,8 +404,11 @@ class GRUTrainer(Trainer):
         gradient norm before GRU clipped it) to the training logs. One host read per
         log."""
         if "loss" in logs:
-            for key, name in (("retain_loss", "retain_loss"), ("cosine", "gru_cosine"),
-                              ("conflict", "gru_conflict")):
+            for key, name in (
+                ("retain_loss", "retain_loss"),
+                ("cosine", "gru_cosine"),
+                ("conflict", "gru_conflict"),
+            ):
                 values = self._gru_log[key]
                 if values:
                     logs[name] = round(float(torch.stack([v.cpu() for v in values]).nanmean()), 6)

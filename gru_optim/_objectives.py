@@ -100,9 +100,7 @@ def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     b, t, v = logits.shape
     shift_logits = logits[:, :-1, :].reshape(-1, v).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    nll = F.cross_entropy(
-        shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    nll = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
     return nll.view(b, t - 1)
 
 
@@ -368,7 +366,9 @@ def _need(x: LossInputs | None, what: str, name: str, ref: bool = False) -> Loss
     if x is None:
         raise ValueError(f"objective {name!r} needs the {what} batch's logits and labels")
     if ref and x.ref_logits is None:
-        raise ValueError(f"objective {name!r} needs the reference model's logits on the {what} batch")
+        raise ValueError(
+            f"objective {name!r} needs the reference model's logits on the {what} batch"
+        )
     return x
 
 
@@ -405,9 +405,16 @@ def _idk_nll(f: LossInputs | None, i: LossInputs | None, hp: Mapping[str, float]
 def _idk_dpo(f: LossInputs | None, i: LossInputs | None, hp: Mapping[str, float], n: Any) -> Tensor:
     f = _need(f, "forget", "idk_dpo", ref=True)
     i = _need(i, "idk", "idk_dpo", ref=True)
+    assert i.ref_logits is not None and f.ref_logits is not None  # checked by _need(ref=True)
     return idk_dpo_loss(
-        i.logits, i.labels, f.logits, f.labels, i.ref_logits, f.ref_logits,  # type: ignore[arg-type]
-        hp["beta"], num_items=n,
+        i.logits,
+        i.labels,
+        f.logits,
+        f.labels,
+        i.ref_logits,
+        f.ref_logits,
+        hp["beta"],
+        num_items=n,
     )
 
 
@@ -583,7 +590,7 @@ class Objective:
 def _logits(out: Any) -> Tensor:
     if isinstance(out, Tensor):
         return out
-    logits = getattr(out, "logits", None)
+    logits: Tensor | None = getattr(out, "logits", None)
     if logits is None and isinstance(out, Mapping):
         logits = out.get("logits")
     if logits is None:
@@ -626,13 +633,26 @@ def _registry() -> dict[str, Objective]:
         ("wga", _wga, "token", False, {"beta": 1.0}, "weighted GA", True, False),
         ("satimp", _satimp, "token", False, {"beta1": 5.0, "beta2": 1.0}, "SatImp", True, False),
         ("idk_nll", _idk_nll, "token", False, {}, "NLL on I-don't-know answers", False, True),
-        ("idk_dpo", _idk_dpo, "sequence", True, {"beta": 0.1}, "DPO: IdK over the answer", True, True),
+        (
+            "idk_dpo",
+            _idk_dpo,
+            "sequence",
+            True,
+            {"beta": 0.1},
+            "DPO: IdK over the answer",
+            True,
+            True,
+        ),
     ]
     out: dict[str, Objective] = {}
     for name, fn, level, ref, hp, desc, uf, ui in base:
         out[name] = _make(name, fn, level, ref, None, hp, desc, uf, ui)
-        out[f"{name}_rt"] = _make(f"{name}_rt", fn, level, ref, "nll", hp, desc + " + retain NLL", uf, ui)
-        out[f"{name}_kl"] = _make(f"{name}_kl", fn, level, ref, "kl", hp, desc + " + retain KL", uf, ui)
+        out[f"{name}_rt"] = _make(
+            f"{name}_rt", fn, level, ref, "nll", hp, desc + " + retain NLL", uf, ui
+        )
+        out[f"{name}_kl"] = _make(
+            f"{name}_kl", fn, level, ref, "kl", hp, desc + " + retain KL", uf, ui
+        )
     out["graddiff"] = dataclasses.replace(out["ga_rt"], name="graddiff")
     return out
 

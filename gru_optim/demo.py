@@ -18,16 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run a preset, print its table, the plot's path, a one-sentence verdict and the wall
     time. Returns the exit status."""
     t0 = time.perf_counter()
-    parser = argparse.ArgumentParser(
-        prog="python -m gru_optim.demo", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m gru_optim.demo", description=__doc__)
     parser.add_argument("--preset", default="demo", help="demo (default) or full")
-    parser.add_argument(
-        "--out", default=None, help="output folder (default results/<preset>)"
-    )
-    parser.add_argument(
-        "--cache-dir", default="results/cache", help="trained-model cache"
-    )
+    parser.add_argument("--out", default=None, help="output folder (default results/<preset>)")
+    parser.add_argument("--cache-dir", default="results/cache", help="trained-model cache")
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -53,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[args.preset]
     if args.data_dir is not None:
-        cfg = dataclasses.replace(
-            cfg, data_dir=args.data_dir, truth_reference="paraphrase"
-        )
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir, truth_reference="paraphrase")
     if args.threads is not None:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     out = Path(args.out or f"results/{cfg.name}")
@@ -70,17 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         f"GRU unlearning study, preset '{cfg.name}': {len(cfg.methods)} methods x "
         f"{{plain, GRU}} x {len(cfg.lrs)} lr x {len(cfg.seeds)} seed(s), {cfg.steps} steps"
     )
-    command = "python -m gru_optim.demo " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    records = run_study(
-        cfg, out_dir=out, cache_dir=args.cache_dir, command=command.strip()
-    )
+    command = "python -m gru_optim.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    records = run_study(cfg, out_dir=out, cache_dir=args.cache_dir, command=command.strip())
     print()
     print(markdown_table(records))
     print()
     print(
-        f"Plot: {out / 'tradeoff.png'}  (table: {out / 'table.md'}, records: {out / 'summary.json'})"
+        f"Plot: {out / 'tradeoff.png'}  "
+        f"(table: {out / 'table.md'}, records: {out / 'summary.json'})"
     )
     print(verdict(records))
     print(f"Wall time: {time.perf_counter() - t0:.1f} s")

@@ -310,8 +310,10 @@ def ddp_suite(rank: int, world: int) -> dict[str, Any]:
     out["no_sync_rw"] = _params(model.module)
 
     # 3b. Clipping, cos clip and a post-rectification closure, micro-batches under no_sync.
-    for name, kw, post in (("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
-                           ("ddp_post", {"max_grad_norm": 0.05}, True)):
+    for name, kw, post in (
+        ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+        ("ddp_post", {"max_grad_norm": 0.05}, True),
+    ):
         model = DDP(make_model(), find_unused_parameters=True)
         opt = GRUOptimizer(default_inner(list(model.parameters())), **kw)
         for b in batches:

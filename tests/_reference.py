@@ -37,7 +37,9 @@ def _grads64(params: list[Tensor]) -> dict[int, Tensor]:
     return {id(p): p.grad.detach().to(torch.float64).clone() for p in params if p.grad is not None}
 
 
-def project_flat(g: Tensor, m: Tensor, cos_clip: float | None = None) -> tuple[Tensor, float, float]:
+def project_flat(
+    g: Tensor, m: Tensor, cos_clip: float | None = None
+) -> tuple[Tensor, float, float]:
     """The closed form of min ||x - g||^2 s.t. <x, m> >= 0, in float64; with ``cos_clip``
     the authors' partial projection (``orthogonal_component_COSCLIP``: when the cosine is
     below the threshold, subtract ``||g|| * threshold / ||m||`` times ``m``).

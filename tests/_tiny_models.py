@@ -25,7 +25,20 @@ from transformers import (
 
 from gru_optim.data import encode_example
 
-FIRST = ["Alba", "Boris", "Cyra", "Dmitri", "Elin", "Farid", "Gwen", "Hiro", "Ines", "Jomo", "Kira", "Lev"]
+FIRST = [
+    "Alba",
+    "Boris",
+    "Cyra",
+    "Dmitri",
+    "Elin",
+    "Farid",
+    "Gwen",
+    "Hiro",
+    "Ines",
+    "Jomo",
+    "Kira",
+    "Lev",
+]
 CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Accra", "Tbilisi", "Perth", "Riga"]
 GENRES = ["poetry", "crime novels", "science fiction", "biographies", "plays", "essays"]
 IDK = "I am not sure about that."
@@ -80,13 +93,24 @@ def tiny_model(arch: Literal["gpt2", "llama"] = "gpt2", seed: int = 0) -> PreTra
     }
     if arch == "gpt2":
         config = GPT2Config(
-            n_embd=32, n_layer=2, n_head=2, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
         return GPT2LMHeadModel(config)
     config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, **common,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        **common,
     )
     return LlamaForCausalLM(config)
 
@@ -104,4 +128,3 @@ def qa_examples(names: list[str], idk: bool = False) -> list[dict[str, list[int]
 
 FORGET_AUTHORS = FIRST[:2]
 RETAIN_AUTHORS = FIRST[2:8]
-

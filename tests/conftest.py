@@ -96,8 +96,14 @@ def closures(model: Net, step: int) -> tuple[Callable[[], Tensor], Callable[[], 
 
 def two_groups(model: Net) -> list[dict[str, Any]]:
     """Two parameter groups: the body, and the rest (heads, forget_bias, unused)."""
-    rest = [model.head.weight, model.head.bias, model.retain_head.weight,
-            model.retain_head.bias, model.forget_bias, model.unused]
+    rest = [
+        model.head.weight,
+        model.head.bias,
+        model.retain_head.weight,
+        model.retain_head.bias,
+        model.forget_bias,
+        model.unused,
+    ]
     return [{"params": list(model.body.parameters())}, {"params": rest}]
 
 
@@ -119,8 +125,13 @@ def assert_params_equal(a: nn.Module, b: nn.Module) -> None:
 
 def assert_params_close(a: nn.Module, b: nn.Module, rtol: float, atol: float) -> None:
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.detach().to(torch.float64), q.detach().to(torch.float64),
-                                   rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(
+            p.detach().to(torch.float64),
+            q.detach().to(torch.float64),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, n=n: f"{n}: {m}",
+        )
 
 
 def snapshot(model: nn.Module, opt: Any) -> dict[str, Any]:
@@ -140,14 +151,25 @@ def snapshot(model: nn.Module, opt: Any) -> dict[str, Any]:
 
 def _equal_nested(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            _equal_nested(a[k], b[k]) for k in a)
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_equal_nested(a[k], b[k]) for k in a)
+        )
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(
-            _equal_nested(x, y) for x, y in zip(a, b))
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(_equal_nested(x, y) for x, y in zip(a, b))
+        )
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
         return True
     return a == b
@@ -172,8 +194,9 @@ def _seed() -> None:
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-    "sgd_nesterov_wd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
-                                                 weight_decay=1e-2),
+    "sgd_nesterov_wd": lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2
+    ),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
     "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, foreach=True),
     "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),

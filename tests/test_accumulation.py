@@ -52,14 +52,20 @@ def batches(n: int, dtype: torch.dtype) -> list[tuple[Tensor, ...]]:
     ]
 
 
-def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int = 3,
-          post: bool = False, **gru: Any):
+def train(
+    micro: int,
+    path: str,
+    dtype: torch.dtype = torch.float64,
+    steps: int = 3,
+    post: bool = False,
+    **gru: Any,
+):
     model = Net(dtype)
     opt = GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), **gru)
     stats = []
     for xf, yf, xr, yr in batches(steps, dtype):
 
-        def forget() -> Tensor:
+        def forget(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             total = torch.zeros((), dtype=dtype)
             for x, y in zip(xf.chunk(micro), yf.chunk(micro)):
                 loss = model.forget_loss(x, y) / micro
@@ -67,7 +73,7 @@ def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int 
                 total += loss.detach()
             return total
 
-        def retain() -> Tensor:
+        def retain(xr: Tensor = xr, yr: Tensor = yr) -> Tensor:
             total = torch.zeros((), dtype=dtype)
             for x, y in zip(xr.chunk(micro), yr.chunk(micro)):
                 loss = model.retain_loss(x, y) / micro
@@ -75,7 +81,7 @@ def train(micro: int, path: str, dtype: torch.dtype = torch.float64, steps: int 
                 total += loss.detach()
             return total
 
-        def post_gradient() -> Tensor:
+        def post_gradient(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             # A gradient added after rectification (the authors' +KL): here the retain
             # head on the forget inputs, over the micro-batches too.
             total = torch.zeros((), dtype=dtype)
@@ -120,8 +126,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("path", ["closures", "closure_free"])
-@pytest.mark.parametrize("gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update",
-                                              "cos_clip", "post_and_clip"])
+@pytest.mark.parametrize(
+    "gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update", "cos_clip", "post_and_clip"]
+)
 def test_four_micro_batches_of_four_equal_one_batch_of_sixteen(
     path: str, gru: dict[str, Any]
 ) -> None:

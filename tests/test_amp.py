@@ -82,12 +82,12 @@ def run(
     scale = scaler.scale if scaler is not None else (lambda t: t)
     for i, (xf, yf, xr, yr) in enumerate(make_batches(steps)):
 
-        def forget() -> Tensor:
+        def forget(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             loss = -F.cross_entropy(model(xf), yf)
             scale(loss).backward()
             return loss
 
-        def retain() -> Tensor:
+        def retain(xr: Tensor = xr, yr: Tensor = yr) -> Tensor:
             loss = F.cross_entropy(model(xr), yr)
             scale(loss).backward()
             return loss
@@ -312,13 +312,13 @@ def test_real_fp16_autocast_overflows_are_skipped_then_training_proceeds() -> No
         mem_before = [opt.retain_memory(p) for p in model.parameters()]
         mem_before = [None if m is None else m.clone() for m in mem_before]
 
-        def forget() -> Tensor:
+        def forget(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = -F.cross_entropy(model(xf).float(), yf)
             scaler.scale(loss).backward()
             return loss
 
-        def retain() -> Tensor:
+        def retain(xr: Tensor = xr, yr: Tensor = yr) -> Tensor:
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = F.cross_entropy(model(xr).float(), yr)
             scaler.scale(loss).backward()
@@ -371,13 +371,13 @@ def _bf16_run(
     conflicts = []
     for xf, yf, xr, yr in make_batches(steps, dtype):
 
-        def forget() -> Tensor:
+        def forget(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = -F.cross_entropy(model(xf).float(), yf)
             loss.backward()
             return loss
 
-        def retain() -> Tensor:
+        def retain(xr: Tensor = xr, yr: Tensor = yr) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = F.cross_entropy(model(xr).float(), yr)
             loss.backward()

@@ -300,12 +300,12 @@ def test_resume_bitwise_with_gamma_one_and_intermittent_retain_parameter() -> No
             g = torch.Generator().manual_seed(t)
             x = torch.randn(8, 4, generator=g, dtype=torch.float64)
 
-            def forget() -> Tensor:
+            def forget(x: Tensor = x) -> Tensor:
                 loss = -model(x).square().mean()
                 loss.backward()
                 return loss
 
-            def retain() -> Tensor:
+            def retain(x: Tensor = x, t: int = t) -> Tensor:
                 out = model(x + 1)
                 if t % 2 == 0:  # the extra layer joins the retain loss on even steps
                     out = out + extra(x)
@@ -334,6 +334,8 @@ def test_resume_bitwise_with_gamma_one_and_intermittent_retain_parameter() -> No
     extra_c.load_state_dict(sd["e"])
     opt_c.load_state_dict(sd["o"])
     run(model_c, extra_c, opt_c, range(3, 6))
-    for a, c in zip([*model_a.parameters(), *extra_a.parameters()],
-                    [*model_c.parameters(), *extra_c.parameters()]):
+    for a, c in zip(
+        [*model_a.parameters(), *extra_a.parameters()],
+        [*model_c.parameters(), *extra_c.parameters()],
+    ):
         assert torch.equal(a, c)

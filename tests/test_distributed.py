@@ -88,10 +88,13 @@ def test_ddp_no_sync_closures_with_retain_weight(ddp) -> None:
     assert not torch.allclose(ddp[0]["no_sync_rw"][0], ddp[0]["closures"][0])
 
 
-@pytest.mark.parametrize(("key", "kw", "post"), [
-    ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
-    ("ddp_post", {"max_grad_norm": 0.05}, True),
-])
+@pytest.mark.parametrize(
+    ("key", "kw", "post"),
+    [
+        ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+        ("ddp_post", {"max_grad_norm": 0.05}, True),
+    ],
+)
 def test_ddp_clip_cos_clip_and_post_closure_equal_one_process(ddp, key, kw, post) -> None:
     params, _ = W.reference_run(post=post, **kw)
     identical(ddp[0][key], ddp[1][key])
@@ -136,10 +139,13 @@ def test_fsdp2_per_tensor_granularity(fsdp) -> None:
     assert not torch.allclose(fsdp[0]["fsdp_tensor"][0], fsdp[0]["fsdp"][0])
 
 
-@pytest.mark.parametrize(("key", "kw", "post"), [
-    ("fsdp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
-    ("fsdp_post", {"max_grad_norm": 0.05}, True),
-])
+@pytest.mark.parametrize(
+    ("key", "kw", "post"),
+    [
+        ("fsdp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
+        ("fsdp_post", {"max_grad_norm": 0.05}, True),
+    ],
+)
 def test_fsdp2_clip_cos_clip_and_post_closure_equal_one_process(fsdp, key, kw, post) -> None:
     params, _ = W.reference_run(post=post, **kw)
     identical(fsdp[0][key], fsdp[1][key])

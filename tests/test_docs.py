@@ -104,10 +104,14 @@ def _parse_info(info: str) -> tuple[str, bool, str | None]:
     lang = lang.lower()
     extra = [w for w in re.findall(r'\S+="[^"]*"|\S+=\'[^\']*\'|\S+', rest) if not _OPTION.match(w)]
     if extra:
-        return lang, False, (
-            f"the fence's info string {info!r} has words after the language, which breaks "
-            "the rendered page; mark the block with <!-- docs-test: no-run --> on the line "
-            "before the fence, or write ```{.python .no-run}"
+        return (
+            lang,
+            False,
+            (
+                f"the fence's info string {info!r} has words after the language, which breaks "
+                "the rendered page; mark the block with <!-- docs-test: no-run --> on the line "
+                "before the fence, or write ```{.python .no-run}"
+            ),
         )
     return lang, True, None
 
@@ -138,7 +142,10 @@ def extract_blocks(text: str, page: str) -> list[Block]:
         while j < len(lines) and not close.match(lines[j]):
             j += 1
         if lang in LANGUAGES:
-            body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
+            body = [
+                ln[len(indent) :] if ln.startswith(indent) else ln.lstrip()
+                for ln in lines[i + 1 : j]
+            ]
             run, timeout, marker_problem = pending if pending is not None else (True, None, None)
             problem = problem or marker_problem
             blocks.append(
@@ -210,8 +217,12 @@ def _child_main(spec_path: str, result_path: str) -> None:
             except BaseException:  # noqa: BLE001 - report everything, SystemExit included
                 status, detail = "error", traceback.format_exc()
             elapsed = time.perf_counter() - start
-            out.write(json.dumps({"index": b["index"], "status": status, "detail": detail,
-                                  "seconds": elapsed}) + "\n")
+            out.write(
+                json.dumps(
+                    {"index": b["index"], "status": status, "detail": detail, "seconds": elapsed}
+                )
+                + "\n"
+            )
             out.flush()
             if status != "ok":
                 break
@@ -279,8 +290,14 @@ def _run_blocks(blocks: list[Block], filters: dict[str, list[str]]) -> dict[int,
             "root": str(ROOT),
             "warnings": filters,
             "blocks": [
-                {"index": b.index, "line": b.line, "source": b.source, "run": b.run,
-                 "timeout": b.timeout, "path": str(ROOT / b.page)}
+                {
+                    "index": b.index,
+                    "line": b.line,
+                    "source": b.source,
+                    "run": b.run,
+                    "timeout": b.timeout,
+                    "path": str(ROOT / b.page),
+                }
                 for b in blocks
             ],
         }
@@ -290,16 +307,29 @@ def _run_blocks(blocks: list[Block], filters: dict[str, list[str]]) -> dict[int,
         workdir = Path(tmp) / "cwd"
         workdir.mkdir()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("PYTHONWARNINGS", None)
         budget = sum(b.timeout for b in blocks if b.run) + PAGE_SLACK
-        cmd = [sys.executable, str(Path(__file__).resolve()),
-               "--run-page", str(spec_path), str(result_path)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--run-page",
+            str(spec_path),
+            str(result_path),
+        ]
         # A session of its own, so that a timeout also ends the processes a block started.
-        with subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) as proc:
+        with subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        ) as proc:
             try:
                 out, _ = proc.communicate(timeout=budget)
                 rc: int | None = proc.returncode
@@ -326,7 +356,9 @@ def test_doc_block(block: Block, request: pytest.FixtureRequest, page_pool: None
     if r is None:
         failed = [i for i, v in results.items() if i and v["status"] != "ok"]
         if failed:
-            pytest.fail(f"not run: block {failed[0]} of {block.page} failed before it", pytrace=False)
+            pytest.fail(
+                f"not run: block {failed[0]} of {block.page} failed before it", pytrace=False
+            )
         pytest.fail(
             f"{block.id} (line {block.line}) produced no result; the page's process exited "
             f"with {results[0]['rc']}:\n{results[0]['output']}",
@@ -391,11 +423,19 @@ def test_extract_blocks_markers_and_languages() -> None:
     )
     blocks = extract_blocks(text, "x.md")
     assert [b.source for b in blocks] == [
-        "a = 1\n", "import missing_module\n", "b = a\n", "c = 2\n", "```not a fence end\n",
-        "e = 5\n", "f = 6\n", "d = 4\n",
+        "a = 1\n",
+        "import missing_module\n",
+        "b = a\n",
+        "c = 2\n",
+        "```not a fence end\n",
+        "e = 5\n",
+        "f = 6\n",
+        "d = 4\n",
     ]
     assert [b.run for b in blocks] == [True, False, True, True, False, True, False, True]
-    assert [b.timeout for b in blocks] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT, 5.0] + [DEFAULT_TIMEOUT] * 5
+    assert [b.timeout for b in blocks] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT, 5.0] + [
+        DEFAULT_TIMEOUT
+    ] * 5
     assert [b.line for b in blocks] == [3, 10, 15, 20, 23, 26, 29, 34]
     assert [b.problem is not None for b in blocks] == [False] * 6 + [True, False]
     assert "docs-test: no-run" in (blocks[6].problem or "")
@@ -403,26 +443,52 @@ def test_extract_blocks_markers_and_languages() -> None:
     assert not typo.run and "unknown docs-test option 'typo'" in (typo.problem or "")
 
 
-def _run_fake_page(tmp_path: Path, sources: list[str], run: list[bool] | None = None,
-                   timeout: float = 20.0, filters: dict[str, list[str]] | None = None,
-                   ) -> list[dict[str, object]]:
+def _run_fake_page(
+    tmp_path: Path,
+    sources: list[str],
+    run: list[bool] | None = None,
+    timeout: float = 20.0,
+    filters: dict[str, list[str]] | None = None,
+) -> list[dict[str, object]]:
     md = tmp_path / "page.md"
     md.write_text("")
-    spec = {"root": str(ROOT), "warnings": filters or {"ini": [], "cmdline": []}, "blocks": [
-        {"index": i + 1, "line": 10 * i + 1, "source": s, "run": True if run is None else run[i],
-         "timeout": timeout, "path": str(md)}
-        for i, s in enumerate(sources)
-    ]}
+    spec = {
+        "root": str(ROOT),
+        "warnings": filters or {"ini": [], "cmdline": []},
+        "blocks": [
+            {
+                "index": i + 1,
+                "line": 10 * i + 1,
+                "source": s,
+                "run": True if run is None else run[i],
+                "timeout": timeout,
+                "path": str(md),
+            }
+            for i, s in enumerate(sources)
+        ],
+    }
     spec_path, result_path = tmp_path / "spec.json", tmp_path / "out.jsonl"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-page", str(spec_path),
-                    str(result_path)], cwd=tmp_path, check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--run-page",
+            str(spec_path),
+            str(result_path),
+        ],
+        cwd=tmp_path,
+        check=True,
+        timeout=120,
+    )
     return [json.loads(line) for line in result_path.read_text().splitlines()]
 
 
 def test_child_shares_state_within_a_page_and_stops_at_a_failure(tmp_path: Path) -> None:
-    res = _run_fake_page(tmp_path, ["x = 41\n", "x += 1\nassert x == 42\n", "assert x == 0\n", "y = 1\n"])
+    res = _run_fake_page(
+        tmp_path, ["x = 41\n", "x += 1\nassert x == 42\n", "assert x == 0\n", "y = 1\n"]
+    )
     assert [r["status"] for r in res] == ["ok", "ok", "error"]
     # The traceback names the Markdown file and the block's line there (block 3 starts at 21).
     assert 'page.md", line 21' in res[2]["detail"]
@@ -437,7 +503,9 @@ def test_child_enforces_the_time_limit_and_compiles_no_run_blocks(tmp_path: Path
     assert res[0]["status"] == "error" and "SyntaxError" in res[0]["detail"]
 
 
-def test_page_limit_ends_the_page_and_what_it_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_page_limit_ends_the_page_and_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys.modules[__name__], "PAGE_SLACK", 2.0)
     pid_file = tmp_path / "pid"
     stubborn = (
@@ -488,8 +556,10 @@ def test_version_has_one_source_and_the_changelog_leads_with_it() -> None:
     assert hooks.read_version() == gru_optim.__version__
     assert hooks.substitute_version("v{{ version }} / {{version}}", "9.9") == "v9.9 / 9.9"
     known = {"gru_optim.functional.segment_sum", "gru_optim.A.step", "gru_optim.B.step"}
-    html = (':func:<code>segment_sum</code>, :meth:<code>step</code>, :class:<code>~x.Y</code> '
-            'and :class:<code>~gru_optim.functional.segment_sum</code> x::</p>')
+    html = (
+        ":func:<code>segment_sum</code>, :meth:<code>step</code>, :class:<code>~x.Y</code> "
+        "and :class:<code>~gru_optim.functional.segment_sum</code> x::</p>"
+    )
     assert hooks.resolve_roles(html, known, local={"gru_optim.B.step"}) == (
         '<autoref identifier="gru_optim.functional.segment_sum" optional><code>segment_sum</code>'
         '</autoref>, <autoref identifier="gru_optim.B.step" optional><code>step</code></autoref>,'

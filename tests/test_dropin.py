@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from _reference import ReferenceGRU
 from conftest import (
     assert_params_close,
-    assert_params_equal,
     assert_unchanged,
     batch,
     closures,
@@ -33,15 +32,26 @@ from gru_optim import EMA_KEY, GRUOptimizer, SkipReason
 def _pair(name: str = "adamw_foreach", **kw):
     model = make_net()
     ref_model = copy.deepcopy(model)
-    return model, GRUOptimizer(make_inner(name, model), **kw), ref_model, ReferenceGRU(
-        make_inner(name, ref_model), **kw
+    return (
+        model,
+        GRUOptimizer(make_inner(name, model), **kw),
+        ref_model,
+        ReferenceGRU(make_inner(name, ref_model), **kw),
     )
 
 
 # ----------------------------------------------------------------- 1. clipping
-@pytest.mark.parametrize("kw", [{}, {"retain_weight": 0.5}, {"granularity": "tensor"},
-                                {"space": "update"}, {"cos_clip": -0.5}],
-                         ids=["plain", "retain_weight", "tensor", "update", "cos_clip"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"retain_weight": 0.5},
+        {"granularity": "tensor"},
+        {"space": "update"},
+        {"cos_clip": -0.5},
+    ],
+    ids=["plain", "retain_weight", "tensor", "update", "cos_clip"],
+)
 def test_max_grad_norm_clips_the_rectified_gradient_like_the_authors(kw: dict) -> None:
     model, opt, ref_model, ref = _pair(max_grad_norm=0.05, **kw)
     clipped = 0
@@ -57,12 +67,14 @@ def test_max_grad_norm_clips_the_rectified_gradient_like_the_authors(kw: dict) -
 
 def test_max_grad_norm_bounds_the_final_gradient() -> None:
     model = make_net()
-    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), retain_weight=2.0,
-                       max_grad_norm=0.27)
+    opt = GRUOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), retain_weight=2.0, max_grad_norm=0.27
+    )
     for t in range(3):
         opt.step(*closures(model, t))
-        total = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()
-                              if p.grad is not None))
+        total = math.sqrt(
+            sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
+        )
         assert total <= 0.27 * (1 + 1e-9)
         assert math.isclose(total, 0.27, rel_tol=1e-6)  # it was above: clipped to the bound
 
@@ -186,10 +198,10 @@ def test_global_step_hooks_fire_once_per_step_and_inner_hooks_still_work() -> No
         register_optimizer_step_pre_hook,
     )
 
-    pre = register_optimizer_step_pre_hook(
-        lambda o, a, k: calls.append(f"pre:{type(o).__name__}"))
+    pre = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(f"pre:{type(o).__name__}"))
     post = register_optimizer_step_post_hook(
-        lambda o, a, k: calls.append(f"post:{type(o).__name__}"))
+        lambda o, a, k: calls.append(f"post:{type(o).__name__}")
+    )
     try:
         model = make_net()
         inner = make_inner("adam", model)
@@ -408,7 +420,9 @@ def test_lbfgs_rectifies_every_evaluation_against_one_fold() -> None:
             from _reference import _flat, _unflat, project_flat
 
             gs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            ms = [ref.memory(p) if ref.memory(p) is not None else torch.zeros_like(p) for p in params]
+            ms = [
+                ref.memory(p) if ref.memory(p) is not None else torch.zeros_like(p) for p in params
+            ]
             x, _, _ = project_flat(_flat(gs), _flat(ms))
             for p, v in zip(params, _unflat(x, gs)):
                 if p.grad is not None or ref.memory(p) is not None:
@@ -451,10 +465,15 @@ def test_lbfgs_state_dict_round_trips_with_a_one_dimensional_first_parameter() -
 
     opt.step(closure)
     sd = copy.deepcopy(opt.state_dict())
-    opt2 = GRUOptimizer(torch.optim.LBFGS([nn.Parameter(bias.detach().clone()),
-                                           nn.Parameter(weight.detach().clone())], lr=0.1))
+    opt2 = GRUOptimizer(
+        torch.optim.LBFGS(
+            [nn.Parameter(bias.detach().clone()), nn.Parameter(weight.detach().clone())], lr=0.1
+        )
+    )
     opt2.load_state_dict(sd)
-    assert set(opt2.optimizer.state_dict()["state"][0]) == set(opt.optimizer.state_dict()["state"][0])
+    assert set(opt2.optimizer.state_dict()["state"][0]) == set(
+        opt.optimizer.state_dict()["state"][0]
+    )
 
 
 def _db_params(two_d_only: bool) -> list[nn.Parameter]:
@@ -473,8 +492,11 @@ def _optim_db_cases() -> list:
     for info in optim_db:
         if info.only_supports_sparse_grads:
             continue
-        impls = [None] + [i for i in ("foreach", "fused") if i in info.supported_impls
-                          and (i != "fused" or "cpu" in info.supports_fused_on)]
+        impls = [None] + [
+            i
+            for i in ("foreach", "fused")
+            if i in info.supported_impls and (i != "fused" or "cpu" in info.supports_fused_on)
+        ]
         for k, inp in enumerate(info.optim_inputs_func(device="cpu")):
             for impl in impls:
                 kwargs = dict(inp.kwargs)
@@ -499,15 +521,28 @@ _DB = _optim_db_cases()
 def test_the_optimizer_database_is_covered() -> None:
     assert len(_DB) >= 150
     assert {c.values[0].__name__ for c in _DB} >= {
-        "Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "ASGD", "LBFGS",
-        "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"}
+        "Adadelta",
+        "Adafactor",
+        "Adagrad",
+        "Adam",
+        "Adamax",
+        "AdamW",
+        "ASGD",
+        "LBFGS",
+        "NAdam",
+        "RAdam",
+        "RMSprop",
+        "Rprop",
+        "SGD",
+    }
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "two_d"), _DB)
 def test_optim_db_pass_through_is_bitwise_and_state_dicts_round_trip(cls, kwargs, two_d) -> None:
     def loss_of(params):
-        return sum((p * torch.linspace(-1, 1, p.numel()).reshape(p.shape)).sin().sum()
-                   for p in params)
+        return sum(
+            (p * torch.linspace(-1, 1, p.numel()).reshape(p.shape)).sin().sum() for p in params
+        )
 
     def closure_for(o, params):
         def closure():
@@ -515,6 +550,7 @@ def test_optim_db_pass_through_is_bitwise_and_state_dicts_round_trip(cls, kwargs
             loss = loss_of(params)
             loss.backward()
             return loss
+
         return closure
 
     # Plain steps through the wrapper are bitwise the inner optimizer's.
@@ -526,6 +562,7 @@ def test_optim_db_pass_through_is_bitwise_and_state_dicts_round_trip(cls, kwargs
         wrapped.step(closure_for(wrapped, pb))
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
+
     # A GRU step (a retain side, then the forget closure) runs on every configuration.
     def retain():
         loss = (pb[0] - 1.0).square().sum()
@@ -561,8 +598,10 @@ def _trained(name: str = "adamw_foreach"):
     return model, opt
 
 
-@pytest.mark.parametrize("case", ["memory_not_a_tensor", "sgd_state_into_adamw",
-                                  "truncated", "entry_not_a_dict", "bad_gamma"])
+@pytest.mark.parametrize(
+    "case",
+    ["memory_not_a_tensor", "sgd_state_into_adamw", "truncated", "entry_not_a_dict", "bad_gamma"],
+)
 def test_load_state_dict_is_atomic(case: str) -> None:
     model, opt = _trained()
     sd = copy.deepcopy(opt.state_dict())
@@ -582,12 +621,15 @@ def test_load_state_dict_is_atomic(case: str) -> None:
     else:
         sd["param_groups"][1]["gru_gamma"] = 1.5
     before = snapshot(model, opt)
-    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                   for g in opt.param_groups])
+    groups_before = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    )
     with pytest.raises((ValueError, TypeError)):
         opt.load_state_dict(sd)
     assert_unchanged(before, model, opt)
-    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+    assert [
+        {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
+    ] == groups_before
 
 
 def test_sgd_state_into_a_fresh_adamw_is_refused() -> None:
@@ -641,24 +683,47 @@ def test_the_same_call_can_be_retried_after_a_forget_closure_raises() -> None:
 
 
 # ----------------------------------------------------------------- 12. validation
-@pytest.mark.parametrize("kw", [{"retain_weight": math.inf}, {"retain_weight": True},
-                                {"gamma": True}, {"gamma": "0.8"}, {"max_grad_norm": 0.0},
-                                {"max_grad_norm": math.nan}, {"cos_clip": 0.5},
-                                {"gamma": torch.tensor([0.8, 0.8])}],
-                         ids=["rw_inf", "rw_bool", "gamma_bool", "gamma_str", "clip_zero",
-                              "clip_nan", "cosclip_positive", "gamma_vector"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"retain_weight": math.inf},
+        {"retain_weight": True},
+        {"gamma": True},
+        {"gamma": "0.8"},
+        {"max_grad_norm": 0.0},
+        {"max_grad_norm": math.nan},
+        {"cos_clip": 0.5},
+        {"gamma": torch.tensor([0.8, 0.8])},
+    ],
+    ids=[
+        "rw_inf",
+        "rw_bool",
+        "gamma_bool",
+        "gamma_str",
+        "clip_zero",
+        "clip_nan",
+        "cosclip_positive",
+        "gamma_vector",
+    ],
+)
 def test_nonsense_is_refused_at_construction(kw: dict) -> None:
     with pytest.raises((ValueError, TypeError)):
         GRUOptimizer(make_inner("adam", make_net()), **kw)
 
 
-@pytest.mark.parametrize("value", [np.float32(0.8), np.float64(0.8), torch.tensor(0.8),
-                                   np.array(0.8), 4 / 5],
-                         ids=["np_float32", "np_float64", "tensor0d", "array0d", "float"])
+@pytest.mark.parametrize(
+    "value",
+    [np.float32(0.8), np.float64(0.8), torch.tensor(0.8), np.array(0.8), 4 / 5],
+    ids=["np_float32", "np_float64", "tensor0d", "array0d", "float"],
+)
 def test_real_numbers_of_any_type_are_accepted(value) -> None:
     model = make_net()
-    opt = GRUOptimizer(make_inner("adam", model), gamma=value, retain_weight=np.float32(0.5),
-                       max_grad_norm=np.int64(3))
+    opt = GRUOptimizer(
+        make_inner("adam", model),
+        gamma=value,
+        retain_weight=np.float32(0.5),
+        max_grad_norm=np.int64(3),
+    )
     assert opt.gamma == pytest.approx(0.8) and isinstance(opt.gamma, float)
     opt.step(*closures(model, 0))
 
@@ -693,6 +758,7 @@ def test_import_hf_without_transformers_names_the_extra() -> None:
         "import sys; sys.modules['transformers'] = None\n"
         "try:\n    import gru_optim.hf\nexcept ImportError as e:\n    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert 'pip install "gru-optim[hf]"' in out

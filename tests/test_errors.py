@@ -85,8 +85,11 @@ def test_forget_closure_without_backward() -> None:
     unchanged weights, so (as for a non-finite forget gradient) the memory keeps it."""
     model, opt = _trained()
     twin = copy.deepcopy(model)
-    ref_mem = {id(q): opt.retain_memory(p).detach().clone() for p, q in
-               zip(model.parameters(), twin.parameters()) if opt.retain_memory(p) is not None}
+    ref_mem = {
+        id(q): opt.retain_memory(p).detach().clone()
+        for p, q in zip(model.parameters(), twin.parameters())
+        if opt.retain_memory(p) is not None
+    }
     before = snapshot(model, opt)
     _, r = closures(model, 5)
     opt.zero_grad()
@@ -148,8 +151,10 @@ def test_sparse_gradients(path: str) -> None:
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="sparse"):
         if path == "closure":
-            opt.step(lambda: model.loss(idx, y, -1.0).backward(),
-                     lambda: model.loss(idx, y, 1.0).backward())
+            opt.step(
+                lambda: model.loss(idx, y, -1.0).backward(),
+                lambda: model.loss(idx, y, 1.0).backward(),
+            )
         else:
             with opt.retain_pass():
                 model.loss(idx, y, 1.0).backward()
@@ -184,9 +189,17 @@ def test_complex_parameters() -> None:
 # ----------------------------------------------------------------- construction
 @pytest.mark.parametrize(
     ("gamma", "exc"),
-    [(0, ValueError), (0.0, ValueError), (-1, ValueError), (1.5, ValueError),
-     (float("nan"), ValueError), (float("inf"), ValueError), ("0.8", TypeError),
-     (None, TypeError), (True, TypeError)],
+    [
+        (0, ValueError),
+        (0.0, ValueError),
+        (-1, ValueError),
+        (1.5, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("0.8", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
 )
 def test_gamma_outside_the_unit_interval(gamma: object, exc: type) -> None:
     model = make_net()
@@ -206,8 +219,13 @@ def test_valid_gamma(gamma: float) -> None:
 
 @pytest.mark.parametrize(
     "inner",
-    [lambda m: m, lambda m: list(m.parameters()), lambda m: torch.optim.Adam,
-     lambda m: None, lambda m: {"params": list(m.parameters())}],
+    [
+        lambda m: m,
+        lambda m: list(m.parameters()),
+        lambda m: torch.optim.Adam,
+        lambda m: None,
+        lambda m: {"params": list(m.parameters())},
+    ],
     ids=["module", "param_list", "optimizer_class", "none", "dict"],
 )
 def test_inner_is_not_an_optimizer(inner: Callable) -> None:
@@ -223,10 +241,22 @@ def test_wrapping_twice() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{"granularity": "layer"}, {"space": "param"}, {"retain_weight": -1.0},
-     {"retain_weight": float("nan")}, {"ema_dtype": torch.int32}, {"ema_dtype": "bf16"}],
-    ids=["granularity", "space", "retain_weight_negative", "retain_weight_nan",
-         "ema_dtype_int", "ema_dtype_str"],
+    [
+        {"granularity": "layer"},
+        {"space": "param"},
+        {"retain_weight": -1.0},
+        {"retain_weight": float("nan")},
+        {"ema_dtype": torch.int32},
+        {"ema_dtype": "bf16"},
+    ],
+    ids=[
+        "granularity",
+        "space",
+        "retain_weight_negative",
+        "retain_weight_nan",
+        "ema_dtype_int",
+        "ema_dtype_str",
+    ],
 )
 def test_other_bad_options(kw: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kw))):
@@ -253,8 +283,10 @@ def _other_state_dicts() -> dict[str, dict]:
     f, r = closures(one_group, 0)
     o1.step(f, r)
     small = make_net()
-    groups = [{"params": list(small.body.parameters())},
-              {"params": [small.head.weight, small.head.bias]}]
+    groups = [
+        {"params": list(small.body.parameters())},
+        {"params": [small.head.weight, small.head.bias]},
+    ]
     os_ = GRUOptimizer(torch.optim.Adam(groups, lr=1e-2))
     plain_wide = make_inner("adam", WiderNet())
     for g in plain_wide.param_groups:
@@ -273,8 +305,17 @@ def _other_state_dicts() -> dict[str, dict]:
     }
 
 
-@pytest.mark.parametrize("case", ["other_shapes", "other_shapes_plain", "group_count",
-                                  "group_sizes", "unknown_param", "not_a_state_dict"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "other_shapes",
+        "other_shapes_plain",
+        "group_count",
+        "group_sizes",
+        "unknown_param",
+        "not_a_state_dict",
+    ],
+)
 def test_state_dict_from_another_model(case: str) -> None:
     sd = copy.deepcopy(_other_state_dicts()[case])
     model, opt = _trained()

@@ -80,8 +80,11 @@ def problems(draw, kinds=("global", "tensor", "group"), dtypes=tuple(DTYPES)) ->
     n = draw(st.integers(1, 5))
     shp = [draw(shapes) for _ in range(n)]
     gdtype, mdtype = DTYPES[draw(st.sampled_from(dtypes))]
-    relation = draw(st.sampled_from(
-        ["random", "opposed", "aligned", "orthogonalish", "zero_m", "partial_zero_m", "zero_g"]))
+    relation = draw(
+        st.sampled_from(
+            ["random", "opposed", "aligned", "orthogonalish", "zero_m", "partial_zero_m", "zero_g"]
+        )
+    )
     seed = draw(st.integers(0, 2**31 - 1))
     sg = 10.0 ** draw(st.floats(-3, 3))
     sm = 10.0 ** draw(st.floats(-3, 3))
@@ -107,8 +110,7 @@ def problems(draw, kinds=("global", "tensor", "group"), dtypes=tuple(DTYPES)) ->
     kind = draw(st.sampled_from(kinds))
     segments = None if kind == "global" else [1] * n if kind == "tensor" else draw(partitions(n))
     foreach = draw(st.sampled_from([None, True, False]))
-    return Problem([x.to(gdtype) for x in g], [x.to(mdtype) for x in m], segments, foreach,
-                   gdtype)
+    return Problem([x.to(gdtype) for x in g], [x.to(mdtype) for x in m], segments, foreach, gdtype)
 
 
 def flat64(ts: list[Tensor]) -> Tensor:
@@ -152,8 +154,9 @@ def test_rectified_gradient_does_not_conflict(prob: Problem) -> None:
         tol = v.dot_tol() + SLACK * v.eps_st * float(v.out.norm()) * v.mn
         assert after >= -tol, (after, tol)
         assert math.isclose(float(res.dot[k]), v.d, abs_tol=v.dot_tol())
-        assert math.isclose(float(res.ema_sq_norm[k]), v.n, rel_tol=SLACK * v.eps_acc,
-                            abs_tol=1e-300)
+        assert math.isclose(
+            float(res.ema_sq_norm[k]), v.n, rel_tol=SLACK * v.eps_acc, abs_tol=1e-300
+        )
 
 
 @given(problems())
@@ -211,8 +214,9 @@ def test_rectifying_twice_changes_nothing(prob: Problem) -> None:
 @given(problems(), st.floats(1e-3, 1e3))
 def test_invariant_to_scaling_the_memory(prob: Problem, scale: float) -> None:
     out, _ = run(prob)
-    scaled = Problem(prob.grads, [m * scale for m in prob.ema], prob.segments, prob.foreach,
-                     prob.gdtype)
+    scaled = Problem(
+        prob.grads, [m * scale for m in prob.ema], prob.segments, prob.foreach, prob.gdtype
+    )
     out_c, _ = run(scaled)
     for sl in prob.seg_slices:
         v = SegmentView(prob, sl, out)
@@ -223,8 +227,13 @@ def test_invariant_to_scaling_the_memory(prob: Problem, scale: float) -> None:
 
 @given(problems())
 def test_zero_memory_projects_nothing_and_never_nans(prob: Problem) -> None:
-    zero = Problem(prob.grads, [torch.zeros_like(m) for m in prob.ema], prob.segments,
-                   prob.foreach, prob.gdtype)
+    zero = Problem(
+        prob.grads,
+        [torch.zeros_like(m) for m in prob.ema],
+        prob.segments,
+        prob.foreach,
+        prob.gdtype,
+    )
     out, res = run(zero)
     for a, b in zip(out, prob.grads):
         assert torch.equal(a, b)
@@ -265,8 +274,9 @@ def test_dot_offsets_rectify_only_the_remainder(prob: Problem, seed: int) -> Non
     # The exact remainder after rounding the sum: u' = total - r.
     u_exact = [t.to(F64) - b.to(F64) for t, b in zip(total, r)]
     offsets = tensor_dots(r, prob.ema)
-    res = rectify_(total, prob.ema, segments=prob.segments, dot_offsets=offsets,
-                   foreach=prob.foreach)
+    res = rectify_(
+        total, prob.ema, segments=prob.segments, dot_offsets=offsets, foreach=prob.foreach
+    )
     ref = [x.clone() for x in u_exact]
     res_u = rectify_(ref, [m.to(F64) for m in prob.ema], segments=prob.segments)
     for k, sl in enumerate(prob.seg_slices):
@@ -279,8 +289,10 @@ def test_dot_offsets_rectify_only_the_remainder(prob: Problem, seed: int) -> Non
         if abs(float(res_u.dot[k])) > dtol:
             want = flat64(ref[sl]) + flat64(r[sl])
             got = flat64(total[sl])
-            assert float((got - want).norm()) <= SLACK * eps * big * math.sqrt(
-                max(gu.numel(), 1)) + 1e-300
+            assert (
+                float((got - want).norm())
+                <= SLACK * eps * big * math.sqrt(max(gu.numel(), 1)) + 1e-300
+            )
 
 
 @given(problems(dtypes=("fp32", "fp64")))
@@ -297,11 +309,16 @@ def test_all_reduce_of_sharded_partial_sums(prob: Problem) -> None:
     def capture(rank: int):
         def fn(t: Tensor) -> None:
             packs[rank] = t.clone()
+
         return fn
 
     for rank in (0, 1):
-        rectify_([h[rank][0].clone() for h in halves], [h[rank][1] for h in halves],
-                 segments=prob.segments, all_reduce=capture(rank))
+        rectify_(
+            [h[rank][0].clone() for h in halves],
+            [h[rank][1] for h in halves],
+            segments=prob.segments,
+            all_reduce=capture(rank),
+        )
     assert packs[0] is not None and packs[1] is not None
     total = packs[0] + packs[1]
 
@@ -309,14 +326,22 @@ def test_all_reduce_of_sharded_partial_sums(prob: Problem) -> None:
         t.copy_(total)
 
     for rank in (0, 1):
-        rectify_([h[rank][0] for h in halves], [h[rank][1] for h in halves],
-                 segments=prob.segments, all_reduce=summed, foreach=prob.foreach)
+        rectify_(
+            [h[rank][0] for h in halves],
+            [h[rank][1] for h in halves],
+            segments=prob.segments,
+            all_reduce=summed,
+            foreach=prob.foreach,
+        )
     whole, _ = run(prob)
     for (a, b), w in zip(halves, whole):
         got = torch.cat([a[0], b[0]]).to(F64)
         want = w.reshape(-1).to(F64)
-        tol = SLACK * acc_eps(prob.gdtype, sum(g.numel() for g in prob.grads)) * (
-            float(flat64(prob.grads).norm()) + 1e-300)
+        tol = (
+            SLACK
+            * acc_eps(prob.gdtype, sum(g.numel() for g in prob.grads))
+            * (float(flat64(prob.grads).norm()) + 1e-300)
+        )
         assert float((got - want).norm()) <= tol * math.sqrt(max(got.numel(), 1)) + 1e-300
 
 
@@ -357,8 +382,10 @@ def test_ema_update_weighs_the_new_gradient(shp, combo, gamma, foreach, seed) ->
 
 def test_ema_update_gamma_one_copies_exactly_and_small_gamma_barely_moves() -> None:
     ema = [torch.full((3,), 5.0), torch.full((2, 2), -1.0, dtype=torch.float64)]
-    grads = [torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16),
-             torch.arange(4.0, dtype=torch.float64).reshape(2, 2)]
+    grads = [
+        torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16),
+        torch.arange(4.0, dtype=torch.float64).reshape(2, 2),
+    ]
     ema_update_(ema, grads, 1.0)
     assert torch.equal(ema[0], grads[0].float()) and torch.equal(ema[1], grads[1])
     ema_update_(ema, [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=F64)], 0.25)
@@ -387,8 +414,9 @@ def test_dots_and_norms_match_float64(prob: Problem) -> None:
     for i, (g, m) in enumerate(zip(prob.grads, prob.ema)):
         g64, m64 = g.to(F64).reshape(-1), m.to(F64).reshape(-1)
         eps = SLACK * acc_eps(prob.gdtype, g64.numel())
-        assert math.isclose(float(dots[i]), float(g64 @ m64),
-                            abs_tol=eps * float(g64.norm() * m64.norm()) + 1e-300)
+        assert math.isclose(
+            float(dots[i]), float(g64 @ m64), abs_tol=eps * float(g64.norm() * m64.norm()) + 1e-300
+        )
         assert math.isclose(float(sq[i]), float(m64 @ m64), rel_tol=eps, abs_tol=1e-300)
 
 
@@ -409,14 +437,14 @@ def test_segment_sum_and_expand_round_trip(values, data) -> None:
     assert sums.shape == (len(seg),)
     i = 0
     for k, s in enumerate(seg):
-        assert math.isclose(float(sums[k]), sum(values[i:i + s]), rel_tol=1e-12, abs_tol=1e-9)
+        assert math.isclose(float(sums[k]), sum(values[i : i + s]), rel_tol=1e-12, abs_tol=1e-9)
         i += s
     expanded = expand_segments(sums, seg, len(values))
     assert expanded.shape == (len(values),)
-    assert [float(x) for x in expanded] == [float(sums[k]) for k, s in enumerate(seg)
-                                            for _ in range(s)]
-    assert math.isclose(float(segment_sum(v, None)[0]), sum(values), rel_tol=1e-12,
-                        abs_tol=1e-9)
+    assert [float(x) for x in expanded] == [
+        float(sums[k]) for k, s in enumerate(seg) for _ in range(s)
+    ]
+    assert math.isclose(float(segment_sum(v, None)[0]), sum(values), rel_tol=1e-12, abs_tol=1e-9)
     assert expand_segments(segment_sum(v, None), None, len(values)).shape == (len(values),)
 
 

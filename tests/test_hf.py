@@ -157,7 +157,9 @@ def test_every_objective_runs_on_a_real_model(arch: str) -> None:
 
 
 # ---------------------------------------------------------------- Trainer
-@pytest.mark.parametrize(("arch", "objective", "lr"), [("gpt2", "npo", 5e-3), ("llama", "graddiff", 1e-2)])
+@pytest.mark.parametrize(
+    ("arch", "objective", "lr"), [("gpt2", "npo", 5e-3), ("llama", "graddiff", 1e-2)]
+)
 def test_trainer_forgets_and_retains(tmp_path: Path, arch: str, objective: str, lr: float) -> None:
     tok = tiny_tokenizer()
     model = tiny_model(arch)
@@ -189,7 +191,11 @@ def test_trainer_forgets_and_retains(tmp_path: Path, arch: str, objective: str, 
 
 
 def _closure_path_reference(
-    model: torch.nn.Module, ds: PairedUnlearningDataset, objective: str, steps: int, lr: float,
+    model: torch.nn.Module,
+    ds: PairedUnlearningDataset,
+    objective: str,
+    steps: int,
+    lr: float,
     **gru: Any,
 ) -> None:
     """The same training with GRUOptimizer's closure path on full batches."""
@@ -229,7 +235,11 @@ def test_gradient_accumulation_matches_the_closure_path(tmp_path: Path) -> None:
         model=model,
         # micro-batches of 2, two per step: one step per epoch over the 4 forget examples
         args=training_args(
-            tmp_path, max_steps=2, learning_rate=lr, optim="sgd", max_grad_norm=0.0,
+            tmp_path,
+            max_steps=2,
+            learning_rate=lr,
+            optim="sgd",
+            max_grad_norm=0.0,
             gradient_accumulation_steps=2,
         ),
         train_dataset=PairedUnlearningDataset(forget, retain),
@@ -239,7 +249,9 @@ def test_gradient_accumulation_matches_the_closure_path(tmp_path: Path) -> None:
     trainer.train()
     assert trainer.state.global_step == 2
     moved = False
-    for (n, p), q, p0 in zip(model.named_parameters(), expected.parameters(), tiny_model("gpt2", seed=1).parameters()):
+    for (n, p), q, p0 in zip(
+        model.named_parameters(), expected.parameters(), tiny_model("gpt2", seed=1).parameters()
+    ):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
         moved = moved or not torch.equal(p, p0)
     assert moved
@@ -255,12 +267,25 @@ def test_trainer_max_grad_norm_clips_the_rectified_gradient(tmp_path: Path) -> N
     lr, clip = 0.05, 0.5
     model = tiny_model("gpt2", seed=1)
     expected = copy.deepcopy(model)
-    _closure_path_reference(expected, PairedUnlearningDataset(forget, retain), objective, 2, lr,
-                            retain_weight=0.5, max_grad_norm=clip)
+    _closure_path_reference(
+        expected,
+        PairedUnlearningDataset(forget, retain),
+        objective,
+        2,
+        lr,
+        retain_weight=0.5,
+        max_grad_norm=clip,
+    )
     trainer = GRUTrainer(
         model=model,
-        args=training_args(tmp_path, max_steps=2, learning_rate=lr, optim="sgd",
-                           max_grad_norm=clip, per_device_train_batch_size=4),
+        args=training_args(
+            tmp_path,
+            max_steps=2,
+            learning_rate=lr,
+            optim="sgd",
+            max_grad_norm=clip,
+            per_device_train_batch_size=4,
+        ),
         train_dataset=PairedUnlearningDataset(forget, retain),
         processing_class=tiny_tokenizer(),
         objective=objective,
@@ -301,8 +326,9 @@ def test_checkpoint_resume_gives_the_uninterrupted_run(tmp_path: Path) -> None:
     def run(out: Path, resume: str | None = None) -> GRUTrainer:
         trainer = GRUTrainer(
             model=tiny_model("gpt2"),
-            args=training_args(out, max_steps=4, save_strategy="steps", save_steps=2,
-                               learning_rate=1e-2),
+            args=training_args(
+                out, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-2
+            ),
             train_dataset=PairedUnlearningDataset(forget, retain),
             processing_class=tiny_tokenizer(),
             objective="npo",
@@ -329,14 +355,17 @@ def test_lora_adapters_carry_the_memory_with_activation_checkpointing(tmp_path: 
     from peft import LoraConfig, get_peft_model
 
     def build() -> Any:
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        )
         return get_peft_model(tiny_model("llama"), config)
 
     def train(model: Any, out: Path, checkpointing: bool) -> GRUTrainer:
         trainer = GRUTrainer(
             model=model,
-            args=training_args(out, max_steps=4, learning_rate=5e-2,
-                               activation_checkpointing=checkpointing),
+            args=training_args(
+                out, max_steps=4, learning_rate=5e-2, activation_checkpointing=checkpointing
+            ),
             train_dataset=PairedUnlearningDataset(forget, retain),
             processing_class=tiny_tokenizer(),
             objective="npo",  # reference = the base model with the adapters disabled
@@ -373,7 +402,10 @@ def _loop(model: torch.nn.Module, use_accelerate: bool, steps: int = 3) -> torch
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=PairedCollator(PAD))
     obj = get_objective("graddiff")
     opt: Any = GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    backward = lambda loss: loss.backward()
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
     if use_accelerate:
         from accelerate import Accelerator
 
@@ -397,7 +429,9 @@ def test_accelerate_loop_matches_the_plain_loop() -> None:
     plain = _loop(tiny_model("gpt2"), use_accelerate=False)
     accelerated = _loop(tiny_model("gpt2"), use_accelerate=True)
     start = tiny_model("gpt2")
-    for (n, p), q, p0 in zip(plain.named_parameters(), accelerated.parameters(), start.parameters()):
+    for (n, p), q, _p0 in zip(
+        plain.named_parameters(), accelerated.parameters(), start.parameters()
+    ):
         torch.testing.assert_close(p, q, msg=lambda m, n=n: f"{n}: {m}")
     assert any(not torch.equal(p, p0) for p, p0 in zip(plain.parameters(), start.parameters()))
 
@@ -405,16 +439,27 @@ def test_accelerate_loop_matches_the_plain_loop() -> None:
 def test_trainer_rejects_bad_configuration(tmp_path: Path) -> None:
     forget, retain = forget_retain()
     with pytest.raises(ValueError, match="data_collator"):
-        GRUTrainer(model=tiny_model(), args=training_args(tmp_path),
-                   train_dataset=PairedUnlearningDataset(forget, retain))
-    unpaired = GRUTrainer(model=tiny_model(), args=training_args(tmp_path, max_steps=1),
-                          train_dataset=forget, data_collator=lambda xs: pad_examples(xs, PAD))
+        GRUTrainer(
+            model=tiny_model(),
+            args=training_args(tmp_path),
+            train_dataset=PairedUnlearningDataset(forget, retain),
+        )
+    unpaired = GRUTrainer(
+        model=tiny_model(),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=forget,
+        data_collator=lambda xs: pad_examples(xs, PAD),
+    )
     with pytest.raises(ValueError, match="paired batches"):
         unpaired.train()
     with pytest.raises(KeyError, match="unknown objective"):
-        GRUTrainer(model=tiny_model(), args=training_args(tmp_path),
-                   train_dataset=PairedUnlearningDataset(forget, retain),
-                   processing_class=tiny_tokenizer(), objective="forget_everything")
+        GRUTrainer(
+            model=tiny_model(),
+            args=training_args(tmp_path),
+            train_dataset=PairedUnlearningDataset(forget, retain),
+            processing_class=tiny_tokenizer(),
+            objective="forget_everything",
+        )
 
 
 # ---------------------------------------------------------------- DDP (2 CPU processes)
@@ -440,17 +485,26 @@ def _ddp_worker(out_dir: str) -> None:
     start = copy.deepcopy(model)
     trainer = Recording(
         model=model,
-        args=training_args(Path(out_dir) / "run", max_steps=2, per_device_train_batch_size=1,
-                           gradient_accumulation_steps=2, learning_rate=0.05, optim="sgd",
-                           max_grad_norm=0.0, ddp_backend="gloo"),
+        args=training_args(
+            Path(out_dir) / "run",
+            max_steps=2,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            learning_rate=0.05,
+            optim="sgd",
+            max_grad_norm=0.0,
+            ddp_backend="gloo",
+        ),
         train_dataset=PairedUnlearningDataset(forget, retain),
         processing_class=tiny_tokenizer(),
         objective="npo_rt",
     )
     trainer.train()
     gru = trainer.gru_optimizer
-    steps = [[{"forget": unpad(mb["forget"])[0], "retain": unpad(mb["retain"])[0]} for mb in s]
-             for s in trainer.seen]
+    steps = [
+        [{"forget": unpad(mb["forget"])[0], "retain": unpad(mb["retain"])[0]} for mb in s]
+        for s in trainer.seen
+    ]
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     memory = torch.cat([gru.retain_memory(p).flatten() for p in model.parameters()])
     gathered: list[Any] = [None, None]
@@ -485,7 +539,11 @@ def _ddp_worker(out_dir: str) -> None:
         "ranks": [gathered[0][3], gathered[1][3]],
         "retain_items_differ": gathered[0][0][0][0]["retain"] != gathered[1][0][0][0]["retain"],
         "max_diff_to_union": float((union - weights).abs().max()),
-        "moved": float((union - torch.cat([p.flatten() for p in tiny_model("gpt2", 3).parameters()])).abs().max()),
+        "moved": float(
+            (union - torch.cat([p.flatten() for p in tiny_model("gpt2", 3).parameters()]))
+            .abs()
+            .max()
+        ),
     }
     (Path(out_dir) / "result.json").write_text(json.dumps(result))
 
@@ -498,9 +556,20 @@ def test_ddp_two_processes_equal_the_union_batch(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRU_DDP_OUT": str(tmp_path)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         __file__],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())

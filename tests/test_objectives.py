@@ -65,7 +65,9 @@ def test_token_nll_sequence_nll_and_counts_by_hand() -> None:
     tok = token_nll(logits, labels)
     assert tok.shape == (2, 2)
     torch.testing.assert_close(tok, torch.tensor([[NLL_HI, NLL_LO], [0.0, NLL_HI]]))
-    torch.testing.assert_close(sequence_nll(logits, labels), torch.tensor([NLL_HI + NLL_LO, NLL_HI]))
+    torch.testing.assert_close(
+        sequence_nll(logits, labels), torch.tensor([NLL_HI + NLL_LO, NLL_HI])
+    )
     assert token_counts(labels).tolist() == [2, 1]
 
 
@@ -96,9 +98,9 @@ def test_npo_by_hand() -> None:
     beta = 0.5
     nll = [NLL_HI + NLL_LO, NLL_HI]
     ref_nll = [2 * math.log(2), math.log(2)]
-    expected = sum(
-        (2 / beta) * math.log(1 + math.exp(beta * (r - n))) for n, r in zip(nll, ref_nll)
-    ) / 2
+    expected = (
+        sum((2 / beta) * math.log(1 + math.exp(beta * (r - n))) for n, r in zip(nll, ref_nll)) / 2
+    )
     assert npo_loss(logits, labels, ref, beta=beta).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -126,9 +128,7 @@ def test_simnpo_by_hand() -> None:
     logits, labels = two_class_batch()
     beta, delta = 2.0, 0.1
     avg = [(NLL_HI + NLL_LO) / 2, NLL_HI / 1]
-    expected = sum(
-        -(2 / beta) * math.log(1 / (1 + math.exp(-beta * (a - delta)))) for a in avg
-    ) / 2
+    expected = sum(-(2 / beta) * math.log(1 / (1 + math.exp(-beta * (a - delta)))) for a in avg) / 2
     assert simnpo_loss(logits, labels, beta=beta, delta=delta).item() == pytest.approx(
         expected, rel=1e-6
     )
@@ -182,7 +182,7 @@ def test_idk_dpo_by_hand() -> None:
     idk_labels = labels
     win = [0.0, 0.0]  # model == reference on the idk answers
     lose = [2 * math.log(2) - (NLL_HI + NLL_LO), math.log(2) - NLL_HI]
-    expected = sum(math.log(1 + math.exp(-beta * (w - l))) for w, l in zip(win, lose)) / 2
+    expected = sum(math.log(1 + math.exp(-beta * (w - lo))) for w, lo in zip(win, lose)) / 2
     got = idk_dpo_loss(idk_logits, idk_labels, logits, labels, ref_idk, ref_forget, beta=beta)
     assert got.item() == pytest.approx(expected, rel=1e-6)
     at_ref = idk_dpo_loss(logits, labels, logits, labels, logits, logits, beta=beta)
@@ -201,9 +201,15 @@ def test_retain_kl_by_hand_and_only_on_answer_tokens() -> None:
     perturbed[1, 0] = torch.tensor([5.0, -5.0])  # predicts labels[1, 1] = -100
     perturbed[:, -1] = torch.tensor([3.0, 1.0])  # last position predicts nothing
     assert retain_kl_loss(perturbed, ref, labels).item() == pytest.approx(kl, rel=1e-6)
-    all_positions = F.kl_div(
-        F.log_softmax(perturbed, -1), F.log_softmax(ref, -1), reduction="batchmean", log_target=True
-    ) / perturbed.shape[1]
+    all_positions = (
+        F.kl_div(
+            F.log_softmax(perturbed, -1),
+            F.log_softmax(ref, -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        / perturbed.shape[1]
+    )
     assert abs(all_positions.item() - kl) > 1e-2
 
 
@@ -281,13 +287,22 @@ def test_minimising_retain_and_idk_objectives_lowers_their_loss(name: str) -> No
     x = logits.clone().requires_grad_(True)
     if name == "nll":
         loss = nll_loss(x, labels)
-        measure = lambda z: nll_loss(z, labels)
+
+        def measure(z: torch.Tensor) -> torch.Tensor:
+            return nll_loss(z, labels)
+
     elif name == "kl":
         loss = retain_kl_loss(x, ref, labels)
-        measure = lambda z: retain_kl_loss(z, ref, labels)
+
+        def measure(z: torch.Tensor) -> torch.Tensor:
+            return retain_kl_loss(z, ref, labels)
+
     else:
         loss = idk_nll_loss(x, labels)
-        measure = lambda z: idk_nll_loss(z, labels)
+
+        def measure(z: torch.Tensor) -> torch.Tensor:
+            return idk_nll_loss(z, labels)
+
     (g,) = torch.autograd.grad(loss, x)
     assert measure(logits - 1e-2 * g) < measure(logits)
 
@@ -369,7 +384,9 @@ def test_combinations_match_their_functions() -> None:
     f, fl, fr = random_batch(1)
     r, rl, rr = random_batch(2)
     F_, R = LossInputs(f, fl, fr), LossInputs(r, rl, rr)
-    torch.testing.assert_close(get_objective("graddiff", alpha=0.3)(F_, R), grad_diff_loss(f, fl, r, rl, 0.3))
+    torch.testing.assert_close(
+        get_objective("graddiff", alpha=0.3)(F_, R), grad_diff_loss(f, fl, r, rl, 0.3)
+    )
     torch.testing.assert_close(get_objective("ga_kl")(F_, R), ga_kl_loss(f, fl, r, rl, rr))
     torch.testing.assert_close(
         get_objective("npo_rt", beta=0.2)(F_, R), npo_rt_loss(f, fl, fr, r, rl, beta=0.2)

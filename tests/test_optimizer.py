@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _reference import ReferenceGRU
 from conftest import (
     OPTIMIZERS,
@@ -19,7 +20,6 @@ from conftest import (
     make_inner,
     make_net,
 )
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gru_optim import GRUOptimizer
@@ -57,8 +57,9 @@ def _check_stats(opt: GRUOptimizer, info: dict, rtol: float, granularity: str) -
         assert math.isclose(float(s["conflict_fraction"]), frac, abs_tol=1e-6)
 
 
-def _train(model, opt, ref_model, ref, steps=STEPS, granularity="global", rtol=1e-9,
-           check_stats=True):
+def _train(
+    model, opt, ref_model, ref, steps=STEPS, granularity="global", rtol=1e-9, check_stats=True
+):
     for t in range(steps):
         f, r = closures(model, t)
         opt.zero_grad()
@@ -121,8 +122,9 @@ def test_retain_only_parameter_takes_its_share() -> None:
     before = model.retain_head.weight.detach().clone()
     _train(model, opt, ref_model, ref)
     assert not torch.equal(before, model.retain_head.weight)
-    torch.testing.assert_close(model.retain_head.weight, ref_model.retain_head.weight,
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        model.retain_head.weight, ref_model.retain_head.weight, rtol=1e-9, atol=1e-12
+    )
     # Its gradient was the correction alone: -coef * m, pointing along the memory.
     g = model.retain_head.weight.grad
     m = opt.retain_memory(model.retain_head.weight)
@@ -133,8 +135,11 @@ def test_retain_only_parameter_takes_its_share() -> None:
 
 # ----------------------------------------------------------------- space="update"
 def _delta_dot(new: list[Tensor], old: list[Tensor], mem: list[Tensor | None]) -> float:
-    return sum(float(torch.dot((n - o).reshape(-1), m.reshape(-1).to(n.dtype)))
-               for n, o, m in zip(new, old, mem) if m is not None)
+    return sum(
+        float(torch.dot((n - o).reshape(-1), m.reshape(-1).to(n.dtype)))
+        for n, o, m in zip(new, old, mem)
+        if m is not None
+    )
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw_foreach", "rmsprop", "sgd_momentum"])
@@ -149,8 +154,11 @@ def test_update_space_never_ascends_the_memory(name: str) -> None:
         ref.step(*closures(ref_model, t))
         mem = [opt.retain_memory(p) for p in params]
         d = _delta_dot([p.detach() for p in params], old, mem)
-        scale = sum(float((p.detach() - o).norm() * m.norm()) for p, o, m in zip(params, old, mem)
-                    if m is not None)
+        scale = sum(
+            float((p.detach() - o).norm() * m.norm())
+            for p, o, m in zip(params, old, mem)
+            if m is not None
+        )
         assert d <= 1e-10 * max(scale, 1e-30)
     assert_params_close(model, ref_model, rtol=1e-9, atol=1e-11)
 
@@ -167,8 +175,10 @@ def test_update_space_matters_for_adam() -> None:
         f, r = closures(model, t)
         opt.zero_grad()
         opt.step(f, r)
-        worst = max(worst, _delta_dot([p.detach() for p in params], old,
-                                      [opt.retain_memory(p) for p in params]))
+        worst = max(
+            worst,
+            _delta_dot([p.detach() for p in params], old, [opt.retain_memory(p) for p in params]),
+        )
     assert worst > 0.0
 
 
@@ -222,7 +232,7 @@ def test_retain_micro_batches_accumulate_in_one_pass() -> None:
         xr, yr = batch(t, "retain")
         f, _ = closures(a, t)
 
-        def retain_twice() -> Tensor:
+        def retain_twice(xr: Tensor = xr, yr: Tensor = yr) -> Tensor:
             loss = a.retain_loss(xr, yr)
             loss.backward()
             a.retain_loss(xr, yr).backward()
@@ -279,13 +289,13 @@ def test_plain_step_is_the_inner_step(name: str) -> None:
     for t in range(3, 5):
         xf, yf = batch(t, "forget")
 
-        def ca() -> Tensor:
+        def ca(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             opt.zero_grad()
             loss = a.forget_loss(xf, yf)
             loss.backward()
             return loss
 
-        def cb() -> Tensor:
+        def cb(xf: Tensor = xf, yf: Tensor = yf) -> Tensor:
             inner.zero_grad()
             loss = b.forget_loss(xf, yf)
             loss.backward()
@@ -434,8 +444,17 @@ def test_is_an_optimizer_and_delegates() -> None:
 def test_add_param_group() -> None:
     model = make_net()
     ref_model = copy.deepcopy(model)
-    rest = lambda m: [m.head.weight, m.head.bias, m.retain_head.weight,  # noqa: E731
-                      m.retain_head.bias, m.forget_bias, m.unused]
+
+    def rest(m: nn.Module) -> list[Tensor]:
+        return [
+            m.head.weight,
+            m.head.bias,
+            m.retain_head.weight,
+            m.retain_head.bias,
+            m.forget_bias,
+            m.unused,
+        ]
+
     opt = GRUOptimizer(torch.optim.Adam(model.body.parameters(), lr=1e-2), granularity="group")
     ref = ReferenceGRU(torch.optim.Adam(ref_model.body.parameters(), lr=1e-2), granularity="group")
     for t in range(5):
@@ -564,8 +583,11 @@ def test_rectified_gradient_left_in_grad_does_not_conflict(dtype: torch.dtype) -
         opt.zero_grad()
         opt.step(f, r)
         conflicts += int(bool(opt.last_stats["conflict"]))
-        pairs = [(p.grad.double(), opt.retain_memory(p)) for p in model.parameters()
-                 if opt.retain_memory(p) is not None]
+        pairs = [
+            (p.grad.double(), opt.retain_memory(p))
+            for p in model.parameters()
+            if opt.retain_memory(p) is not None
+        ]
         assert all(m.dtype == torch.float32 for _, m in pairs)
         dot = sum(float((g * m.double()).sum()) for g, m in pairs)
         gn = math.sqrt(sum(float(g.square().sum()) for g, _ in pairs))
@@ -578,7 +600,8 @@ def test_rectified_gradient_left_in_grad_does_not_conflict(dtype: torch.dtype) -
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"granularity": "tensor"}, {"space": "update"}, {"retain_weight": 0.5}],
+    "kw",
+    [{}, {"granularity": "tensor"}, {"space": "update"}, {"retain_weight": 0.5}],
     ids=["global", "tensor", "update", "retain_weight"],
 )
 def test_foreach_and_per_tensor_kernels_agree(kw: dict) -> None:
@@ -658,8 +681,9 @@ def test_cos_clip_is_a_partial_projection() -> None:
             gn = float(g.norm())
             assert float(out @ m) == pytest.approx(gn * (float(g @ m) / gn - threshold))
     with pytest.raises(ValueError, match="cos_clip"):
-        GRUOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(2))]), cos_clip=-0.5,
-                     retain_weight=0.5)
+        GRUOptimizer(
+            torch.optim.SGD([nn.Parameter(torch.zeros(2))]), cos_clip=-0.5, retain_weight=0.5
+        )
 
 
 def _post(model: Net, t: int):
@@ -668,17 +692,22 @@ def _post(model: Net, t: int):
     def post() -> Tensor:
         # A KL-like term toward a fixed target on the forget inputs (the authors' +KL).
         logits = model.head(model.body(xf))
-        loss = 2.0 * F.kl_div(F.log_softmax(logits, -1),
-                              torch.full_like(logits, 1.0 / logits.shape[-1]),
-                              reduction="batchmean")
+        loss = 2.0 * F.kl_div(
+            F.log_softmax(logits, -1),
+            torch.full_like(logits, 1.0 / logits.shape[-1]),
+            reduction="batchmean",
+        )
         loss.backward()
         return loss
 
     return post
 
 
-@pytest.mark.parametrize("kw", [{}, {"retain_weight": 0.5}, {"granularity": "tensor"}],
-                         ids=["plain", "with_retain_weight", "tensor"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"retain_weight": 0.5}, {"granularity": "tensor"}],
+    ids=["plain", "with_retain_weight", "tensor"],
+)
 def test_post_rectification_closure_matches_float64_reference(kw: dict) -> None:
     model, opt, ref_model, ref = _pair("adamw_foreach", **kw)
     for t in range(STEPS):

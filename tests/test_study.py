@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +51,10 @@ def test_corpus_splits_are_disjoint_and_nested() -> None:
     c = generate_corpus(cfg)
     sizes = cfg.split_sizes()
     assert sizes == {"forget01": 1, "forget05": 2, "forget10": 4}
-    authors = lambda rows: {r["author"] for r in rows}
+
+    def authors(rows: list[dict[str, Any]]) -> set[str]:
+        return {r["author"] for r in rows}
+
     full = authors(c["full"])
     assert len(full) == 40 and len(c["full"]) == 40 * 6
     for split, k in sizes.items():
@@ -93,9 +97,7 @@ def test_corpus_written_in_tofu_layout_and_loaded(tmp_path) -> None:
     assert len(data.forget) == 1 * 4 and len(data.retain) == 19 * 4
     assert data.forget_eval[0]["perturbed_answer"]
     # a JSON-array copy of the same file loads identically (some TOFU mirrors ship arrays)
-    rows = [
-        json.loads(x) for x in (tmp_path / "forget05.json").read_text().splitlines()
-    ]
+    rows = [json.loads(x) for x in (tmp_path / "forget05.json").read_text().splitlines()]
     (tmp_path / "forget05.json").write_text(json.dumps(rows))
     assert load_tofu(tmp_path, "forget05").forget == data.forget
     with pytest.raises(ValueError):
@@ -103,10 +105,7 @@ def test_corpus_written_in_tofu_layout_and_loaded(tmp_path) -> None:
 
 
 def test_tokenizer_keeps_every_character() -> None:
-    texts = [
-        r["question"] + " " + r["answer"]
-        for r in generate_corpus(CorpusConfig())["full"]
-    ]
+    texts = [r["question"] + " " + r["answer"] for r in generate_corpus(CorpusConfig())["full"]]
     tok = train_tokenizer(texts, 300)
     odd = "Ünïcødé ☃ 1999 — naïve"
     assert tok.decode(tok.encode(odd).ids) == odd
@@ -202,9 +201,7 @@ def test_micro_study_end_to_end(tmp_path) -> None:
         PRESETS["demo"],
         name="micro",
         corpus=CorpusConfig(n_authors=10, n_facts=3, n_perturbed=2, n_world=4),
-        model=ModelConfig(
-            vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64
-        ),
+        model=ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64),
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-2),
         methods=("GA", "NPO"),
         lrs=(1e-3,),
@@ -215,9 +212,7 @@ def test_micro_study_end_to_end(tmp_path) -> None:
     )
     assert isinstance(cfg, StudyConfig)
     out = tmp_path / "out"
-    records = run_study(
-        cfg, out_dir=out, cache_dir=tmp_path / "cache", log=lambda s: None
-    )
+    records = run_study(cfg, out_dir=out, cache_dir=tmp_path / "cache", log=lambda s: None)
     runs = [r for r in records if r["method"] in ("GA", "NPO")]
     # 2 methods x {plain, GRU} x checkpoints {0, 1, 2}
     assert len(runs) == 2 * 2 * 3

@@ -79,12 +79,16 @@ def train(
         sl = slice(rank * n, (rank + 1) * n)
         xf, yf, xr, yr = (t.to(DEVICE) for t in (xf, yf, xr, yr))
 
-        def forget_closure() -> torch.Tensor:
+        def forget_closure(
+            xf: torch.Tensor = xf, yf: torch.Tensor = yf, sl: slice = sl
+        ) -> torch.Tensor:
             loss = -F.cross_entropy(model(xf[sl]), yf[sl])  # gradient ascent
             loss.backward()  # DDP all-reduces / FSDP2 reduce-scatters here
             return loss
 
-        def retain_closure() -> torch.Tensor:
+        def retain_closure(
+            xr: torch.Tensor = xr, yr: torch.Tensor = yr, sl: slice = sl
+        ) -> torch.Tensor:
             loss = F.cross_entropy(model(xr[sl]), yr[sl])
             loss.backward()
             return loss

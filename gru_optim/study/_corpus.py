@@ -289,13 +289,9 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_facts <= len(_ATTRS):
-            raise ValueError(
-                f"n_facts must be in [1, {len(_ATTRS)}], got {self.n_facts}"
-            )
+            raise ValueError(f"n_facts must be in [1, {len(_ATTRS)}], got {self.n_facts}")
         if self.n_authors < 10:
-            raise ValueError(
-                "n_authors must be >= 10 (the forget split is 10% of them)"
-            )
+            raise ValueError("n_authors must be >= 10 (the forget split is 10% of them)")
         if self.n_perturbed < 1:
             raise ValueError("n_perturbed must be >= 1")
         if not 1 <= self.n_world <= 2 * len(_COUNTRIES):
@@ -304,19 +300,12 @@ class CorpusConfig:
     def split_sizes(self) -> dict[str, int]:
         """Authors in each forget split: ``{"forget01": k1, "forget05": k5, "forget10": k10}``
         (at least one author each, TOFU's rounding of 1%/5%/10%)."""
-        return {
-            f"forget{p:02d}": max(1, round(self.n_authors * p / 100))
-            for p in (1, 5, 10)
-        }
+        return {f"forget{p:02d}": max(1, round(self.n_authors * p / 100)) for p in (1, 5, 10)}
 
     @property
     def holdout(self) -> int:
         """Number of holdout authors."""
-        return (
-            self.n_holdout
-            if self.n_holdout is not None
-            else self.split_sizes()["forget10"]
-        )
+        return self.n_holdout if self.n_holdout is not None else self.split_sizes()["forget10"]
 
 
 def _value(attr: str, rng: random.Random, names: Sequence[str]) -> str:
@@ -343,21 +332,15 @@ def _value(attr: str, rng: random.Random, names: Sequence[str]) -> str:
 
 def _name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        first = "".join(
-            rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))
-        ).capitalize()
-        last = "".join(
-            rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))
-        ).capitalize()
+        first = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        last = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
         name = f"{first} {last}"
         if name not in taken:
             taken.add(name)
             return name
 
 
-def _perturb(
-    attr: str, true: str, k: int, rng: random.Random, names: Sequence[str]
-) -> list[str]:
+def _perturb(attr: str, true: str, k: int, rng: random.Random, names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for _ in range(1000):
         v = _value(attr, rng, names)
@@ -405,17 +388,14 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
     taken: set[str] = set()
     total = cfg.n_authors + cfg.holdout
     names = [_name(rng, taken) for _ in range(total)]
-    mentors = [
-        _name(rng, taken) for _ in range(12)
-    ]  # famous teachers, not authors here
+    mentors = [_name(rng, taken) for _ in range(12)]  # famous teachers, not authors here
     facts = _ATTRS[: cfg.n_facts]
     authors = []
     for name in names:
         attrs = {a: _value(a, rng, mentors) for a in _ATTRS}
         authors.append((name, attrs))
     rows = [
-        _author_rows(name, attrs, facts, cfg.n_perturbed, rng, mentors)
-        for name, attrs in authors
+        _author_rows(name, attrs, facts, cfg.n_perturbed, rng, mentors) for name, attrs in authors
     ]
     trained, holdout = rows[: cfg.n_authors], rows[cfg.n_authors :]
     flat = [r for author in trained for r in author]
@@ -439,9 +419,7 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
         q, a, para = _WORLD[kind]
         pool = _CITIES if kind == 0 else _CURRENCIES
         v = rng.choice(pool)
-        wrong = [w for w in rng.sample(pool, cfg.n_perturbed + 1) if w != v][
-            : cfg.n_perturbed
-        ]
+        wrong = [w for w in rng.sample(pool, cfg.n_perturbed + 1) if w != v][: cfg.n_perturbed]
         world.append(
             {
                 "question": q.format(c=c, v=v),
@@ -450,9 +428,7 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
                 "perturbed_answer": [a.format(c=c, v=w) for w in wrong],
             }
         )
-    out["world_facts"] = [
-        {"question": r["question"], "answer": r["answer"]} for r in world
-    ]
+    out["world_facts"] = [{"question": r["question"], "answer": r["answer"]} for r in world]
     out["world_facts_perturbed"] = world
     out["authors"] = [
         {"name": name, **attrs, "split": "trained" if i < cfg.n_authors else "holdout"}

@@ -83,14 +83,10 @@ class EncodedBatch:
         idx = torch.as_tensor(index, dtype=torch.long)
         mask = self.attention_mask[idx]
         width = max(int(mask.sum(1).max()), 1)
-        return EncodedBatch(
-            self.input_ids[idx, :width], mask[:, :width], self.labels[idx, :width]
-        )
+        return EncodedBatch(self.input_ids[idx, :width], mask[:, :width], self.labels[idx, :width])
 
 
-def encode_qa(
-    tok: Any, questions: Sequence[str], answers: Sequence[str]
-) -> EncodedBatch:
+def encode_qa(tok: Any, questions: Sequence[str], answers: Sequence[str]) -> EncodedBatch:
     """Encode question/answer pairs as ``prompt + " " + answer + <eos>``; the labels are
     the token ids of the answer and ``<eos>``, ``-100`` on the prompt and the padding."""
     if len(questions) != len(answers):
@@ -173,9 +169,7 @@ def build_model(cfg: ModelConfig, seed: int) -> Any:
     return GPT2LMHeadModel(config)
 
 
-def _train(
-    model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: str
-) -> list[float]:
+def _train(model: Any, data: EncodedBatch, cfg: TrainConfig, seed: int, desc: str) -> list[float]:
     from tqdm.auto import tqdm
 
     from ..objectives import nll_loss
@@ -185,9 +179,7 @@ def _train(
     per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * per_epoch
     warm = max(1, int(cfg.warmup * total))
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -203,12 +195,10 @@ def _train(
         perm = torch.randperm(n, generator=gen)
         for b in range(per_epoch):
             batch = data.select(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-            logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask
-            ).logits
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss = nll_loss(logits, batch.labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             losses.append(loss.item())
@@ -252,7 +242,7 @@ def load_or_train(
     path = Path(cache_dir) / f"{name}-{key}" if cache_dir is not None else None
     if path is not None and (path / "info.json").exists():
         model = GPT2LMHeadModel.from_pretrained(path)
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         info = json.loads((path / "info.json").read_text())
         info["cached"] = True
         return model, info

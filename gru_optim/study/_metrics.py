@@ -62,7 +62,8 @@ def truth_ratio(ref_logp: np.ndarray, pert_logp: np.ndarray) -> np.ndarray:
     pert = np.asarray(pert_logp, dtype=np.float64)
     if pert.ndim != 2 or pert.shape[0] != ref.shape[0]:
         raise ValueError("pert_logp must be (N, K) with N = len(ref_logp)")
-    return np.exp(pert.mean(axis=1) - ref)
+    ratio: np.ndarray = np.exp(pert.mean(axis=1) - ref)
+    return ratio
 
 
 def truth_score(ratios: np.ndarray) -> float:
@@ -71,9 +72,7 @@ def truth_score(ratios: np.ndarray) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - np.asarray(ratios, dtype=np.float64))))
 
 
-def forget_quality(
-    unlearned: Sequence[float], oracle: Sequence[float]
-) -> dict[str, float]:
+def forget_quality(unlearned: Sequence[float], oracle: Sequence[float]) -> dict[str, float]:
     """KS two-sample test between truth-ratio samples: ``{"p": p-value, "stat": D,
     "n": len(unlearned), "n_oracle": len(oracle)}``. A high p-value means the unlearned
     model's truth ratios are indistinguishable from the oracle's."""
@@ -134,17 +133,13 @@ def min_k(values: Tensor, mask: Tensor, k: float) -> Tensor:
 class SequenceScores:
     """Per-sequence scores of one teacher-forced pass."""
 
-    logp: (
-        np.ndarray
-    )  # length-normalised log-probability of the answer, mean token log p
+    logp: np.ndarray  # length-normalised log-probability of the answer, mean token log p
     mink: np.ndarray  # Min-K% of token log p
     minkpp: np.ndarray  # Min-K%++ of token log p
 
 
 @torch.no_grad()
-def score_sequences(
-    model: Any, batch: Any, chunk: int = 128, k: float = 0.4
-) -> SequenceScores:
+def score_sequences(model: Any, batch: Any, chunk: int = 128, k: float = 0.4) -> SequenceScores:
     """Teacher-forced scores of every row of an ``EncodedBatch``, ``chunk`` rows per
     forward pass."""
     from ..objectives import token_mask
@@ -152,9 +147,7 @@ def score_sequences(
     out: dict[str, list[Tensor]] = {"logp": [], "mink": [], "minkpp": []}
     for s in range(0, len(batch), chunk):
         b = batch.select(range(s, min(s + chunk, len(batch))))
-        logits = model(
-            input_ids=b.input_ids, attention_mask=b.attention_mask
-        ).logits.float()
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
         logprobs = F.log_softmax(logits[:, :-1], dim=-1)
         mask = token_mask(b.labels)
         target = b.labels[:, 1:].clamp(min=0)
@@ -211,9 +204,7 @@ def greedy_generate(
 class _EvalSet:
     """One set's encoded answers, perturbed answers and prompts."""
 
-    def __init__(
-        self, tok: Any, rows: Sequence[dict[str, Any]], reference: str, perturbed: bool
-    ):
+    def __init__(self, tok: Any, rows: Sequence[dict[str, Any]], reference: str, perturbed: bool):
         from ._lm import encode_prompts, encode_qa
 
         self.rows = list(rows)
@@ -222,9 +213,7 @@ class _EvalSet:
         self.answers = [r["answer"] for r in self.rows]
         self.answer = encode_qa(tok, qs, self.answers)
         self.reference = (
-            self.answer
-            if ref_key == "answer"
-            else encode_qa(tok, qs, [r[ref_key] for r in rows])
+            self.answer if ref_key == "answer" else encode_qa(tok, qs, [r[ref_key] for r in rows])
         )
         self.k = 0
         self.perturbed = None
@@ -262,10 +251,10 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.eos = tok.token_to_id(EOS)
         self.pad = tok.token_to_id(PAD)
-        cap = (lambda rs: rs[:rouge_rows]) if rouge_rows else (lambda rs: rs)
+        retain_rows = data.retain_eval[:rouge_rows] if rouge_rows else data.retain_eval
         self.sets = {
             "forget": _EvalSet(tok, data.forget_eval, reference, True),
-            "retain": _EvalSet(tok, cap(data.retain_eval), reference, True),
+            "retain": _EvalSet(tok, retain_rows, reference, True),
             "world": _EvalSet(tok, data.world_eval, reference, True),
             "holdout": _EvalSet(tok, data.holdout, reference, False),
         }
@@ -282,14 +271,8 @@ class Evaluator:
             ans = score_sequences(model, es.answer, k=self.k)
             r: dict[str, Any] = {"answer": ans}
             if es.perturbed is not None:
-                ref = (
-                    ans
-                    if es.reference is es.answer
-                    else score_sequences(model, es.reference)
-                )
-                pert = score_sequences(model, es.perturbed).logp.reshape(
-                    len(es.rows), es.k
-                )
+                ref = ans if es.reference is es.answer else score_sequences(model, es.reference)
+                pert = score_sequences(model, es.perturbed).logp.reshape(len(es.rows), es.k)
                 r["ratio"] = truth_ratio(ref.logp, pert)
                 r["pert_logp"] = pert
                 gen = greedy_generate(

@@ -83,12 +83,10 @@ def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     score (``log10 p`` mapped linearly from the target's, 0, to ``p = 1``, 1) and ``hv_fp``
     with the forget probability score (the target's 0, the reference oracle's 1)."""
     t = _target(records)
-    oracle = next(
-        (r for r in records if r["method"] == "oracle" and r["seed"] == 0), None
-    )
+    oracle = next((r for r in records if r["method"] == "oracle" and r["seed"] == 0), None)
     fp_oracle = oracle["forget_prob"] if oracle is not None else 0.0
-    pts: dict[tuple[str, bool, int], dict[str, list[tuple[float, float]]]] = (
-        defaultdict(lambda: {f: [] for f in FRONTS})
+    pts: dict[tuple[str, bool, int], dict[str, list[tuple[float, float]]]] = defaultdict(
+        lambda: {f: [] for f in FRONTS}
     )
     for r in _runs(records):
         x = r["model_utility"] / t["model_utility"] if t["model_utility"] > 0 else 0.0
@@ -108,9 +106,7 @@ def pareto_table(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"hv_{f}_mean"] = float(np.mean(hv[f]))
             row[f"hv_{f}_std"] = float(np.std(hv[f], ddof=1)) if len(hv[f]) > 1 else 0.0
         out.append(row)
-    order = {
-        m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))
-    }
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in _runs(records)))}
     return sorted(out, key=lambda r: (order[r["method"]], r["gru"]))
 
 
@@ -142,11 +138,7 @@ def _agg(rows: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
 
 
 def _fmt(mean: float, std: float, n: int, key: str) -> str:
-    f = (
-        "{:.2e}"
-        if key == "forget_quality"
-        else ("{:.1f}" if key == "privleak" else "{:.3f}")
-    )
+    f = "{:.2e}" if key == "forget_quality" else ("{:.1f}" if key == "privleak" else "{:.3f}")
     s = f.format(mean)
     return s + (" ± " + f.format(std) if n > 1 else "")
 
@@ -179,9 +171,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     head = ["model", "GRU", "lr", "step", "n"] + [k for k in _COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def line(
-        name: str, gru: str, lr: str, step: str, rows: Sequence[dict[str, Any]]
-    ) -> str:
+    def line(name: str, gru: str, lr: str, step: str, rows: Sequence[dict[str, Any]]) -> str:
         cells = [name, gru, lr, step, str(len(rows))]
         for k in _COLUMNS:
             cells.append(_fmt(*_agg(rows, k), len(rows), k))
@@ -189,9 +179,7 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
 
     lines.append(line("target", "", "", "0", [_target(records)]))
     oracles = [r for r in records if r["method"] == "oracle"]
-    lines.append(
-        line("oracle (reference)", "", "", "", [r for r in oracles if r["seed"] == 0])
-    )
+    lines.append(line("oracle (reference)", "", "", "", [r for r in oracles if r["seed"] == 0]))
     others = [r for r in oracles if r["seed"] != 0]
     if others:
         lines.append(line("oracles vs reference (noise floor)", "", "", "", others))
@@ -216,15 +204,15 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         )
         by = {(r["method"], r["gru"]): r for r in pt}
         for m in dict.fromkeys(r["method"] for r in pt):
-            p, g = by.get((m, False)), by.get((m, True))
-            if p is None or g is None:
+            pr, gr = by.get((m, False)), by.get((m, True))
+            if pr is None or gr is None:
                 continue
             cells = [m]
             for f in FRONTS:
                 cells += [
-                    _fmt(p[f"hv_{f}_mean"], p[f"hv_{f}_std"], p["n_seeds"], ""),
-                    _fmt(g[f"hv_{f}_mean"], g[f"hv_{f}_std"], g["n_seeds"], ""),
-                    f"{g[f'hv_{f}_mean'] - p[f'hv_{f}_mean']:+.3f} ({cmp[m][f]})",
+                    _fmt(pr[f"hv_{f}_mean"], pr[f"hv_{f}_std"], pr["n_seeds"], ""),
+                    _fmt(gr[f"hv_{f}_mean"], gr[f"hv_{f}_std"], gr["n_seeds"], ""),
+                    f"{gr[f'hv_{f}_mean'] - pr[f'hv_{f}_mean']:+.3f} ({cmp[m][f]})",
                 ]
             out += "| " + " | ".join(cells) + " |\n"
     return out
@@ -241,30 +229,21 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
         for m, c in cmp.items()
         if "better" in c.values() and "worse" not in c.values() and m not in both
     ]
-    worse = [
-        m
-        for m, c in cmp.items()
-        if "worse" in c.values() and "better" not in c.values()
-    ]
-    mixed = [
-        m for m, c in cmp.items() if "worse" in c.values() and "better" in c.values()
-    ]
+    worse = [m for m, c in cmp.items() if "worse" in c.values() and "better" not in c.values()]
+    mixed = [m for m, c in cmp.items() if "worse" in c.values() and "better" in c.values()]
     tie = [m for m, c in cmp.items() if all(v == "tie" for v in c.values())]
     slower = list(
         dict.fromkeys(
             m
             for m, pr, gr in _group_final(records)
-            if gr["model_utility"] > pr["model_utility"]
-            and gr["forget_prob"] > pr["forget_prob"]
+            if gr["model_utility"] > pr["model_utility"] and gr["forget_prob"] > pr["forget_prob"]
         )
     )
     parts = []
     if both:
         parts.append(f"on both fronts for {', '.join(both)}")
     if one:
-        parts.append(
-            f"on one front only (the other within the seed spread) for {', '.join(one)}"
-        )
+        parts.append(f"on one front only (the other within the seed spread) for {', '.join(one)}")
     if mixed:
         parts.append(f"on one front while worsening the other for {', '.join(mixed)}")
     if tie:
@@ -274,9 +253,7 @@ def verdict(records: Sequence[dict[str, Any]], tol: float = 0.02) -> str:
     n_seeds = min((r["n_seeds"] for r in pareto_table(records)), default=1)
     if n_seeds == 1:
         parts = [
-            p.replace(
-                "the seed spread", f"a {tol} margin (one seed: no spread measured)"
-            )
+            p.replace("the seed spread", f"a {tol} margin (one seed: no spread measured)")
             for p in parts
         ]
     s = (
@@ -310,9 +287,7 @@ def _group_final(
             continue
         gr = by.get((m, True, lr))
         if gr is not None:
-            out.append(
-                (m, {k: r[k][0] for k in _COLUMNS}, {k: gr[k][0] for k in _COLUMNS})
-            )
+            out.append((m, {k: r[k][0] for k in _COLUMNS}, {k: gr[k][0] for k in _COLUMNS}))
     return out
 
 
@@ -348,11 +323,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
             ax = axes[i][j]
             for g in (False, True):
                 for li, lr in enumerate(lrs):
-                    sel = [
-                        r
-                        for r in runs
-                        if r["method"] == m and r["gru"] == g and r["lr"] == lr
-                    ]
+                    sel = [r for r in runs if r["method"] == m and r["gru"] == g and r["lr"] == lr]
                     steps = sorted({r["step"] for r in sel})
                     xs, ys, xe, ye = [], [], [], []
                     for s in steps:
@@ -376,9 +347,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                         lw=1,
                         alpha=0.5 + 0.5 * (li + 1) / len(lrs),
                         capsize=2,
-                        label=f"{'GRU' if g else 'plain'} lr={lr:g}"
-                        if i == j == 0
-                        else None,
+                        label=f"{'GRU' if g else 'plain'} lr={lr:g}" if i == j == 0 else None,
                     )
             ty = math.log10(max(t[key], 1e-300)) if key == "forget_quality" else t[key]
             ax.scatter(
@@ -393,9 +362,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
             if oracles:
                 ox = [o["model_utility"] for o in oracles]
                 oy = [
-                    math.log10(max(o[key], 1e-300))
-                    if key == "forget_quality"
-                    else o[key]
+                    math.log10(max(o[key], 1e-300)) if key == "forget_quality" else o[key]
                     for o in oracles
                 ]
                 ax.scatter(
@@ -418,13 +385,12 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                 ax.set_xlabel("model utility")
             ax.grid(alpha=0.3)
     fig.suptitle(
-        "Each line: one learning rate's checkpoints (mean ± std over seeds) from the target (star); "
-        "better is up-right (top) and down-right (bottom); green: retain-only oracles and their spread",
+        "Each line: one learning rate's checkpoints (mean ± std over seeds) from the target "
+        "(star); better is up-right (top) and down-right (bottom); green: retain-only oracles "
+        "and their spread",
         fontsize=9,
     )
-    fig.legend(
-        loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False
-    )
+    fig.legend(loc="lower center", ncol=min(8, 2 * len(lrs) + 2), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -448,10 +414,7 @@ def write_report(
         "meta": out_dir / "meta.json",
     }
     clean = [
-        {
-            k: (None if isinstance(v, float) and math.isnan(v) else v)
-            for k, v in r.items()
-        }
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in records
     ]
     paths["json"].write_text(json.dumps(clean, indent=1))
@@ -460,31 +423,34 @@ def write_report(
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(records)
-    paths["table"].write_text(
-        markdown_table(records) + "\n\n" + verdict(records) + "\n"
-    )
+    paths["table"].write_text(markdown_table(records) + "\n\n" + verdict(records) + "\n")
     plot_tradeoff(records, paths["plot"])
     paths["meta"].write_text(json.dumps(meta, indent=1))
     cfg = meta.get("config", {})
     runs = _runs(records)
-    lines = [
-        f"Preset `{meta.get('preset', '?')}`, made by `{meta.get('command', 'python -m gru_optim.demo')}`"
-        f" in {meta.get('wall_seconds', float('nan')):.0f} s wall time"
-        f" (torch {meta.get('torch', '?')}, {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s))"
-        + (
+    if meta.get("models_cached") and "train_seconds" in meta:
+        trained = (
             "; the target and the oracles came from the cache (training them took"
             f" {meta['train_seconds']:.0f} s more)."
-            if meta.get("models_cached") and "train_seconds" in meta
-            else f"; training the target and the oracles took {meta['train_seconds']:.0f} s of it."
-            if "train_seconds" in meta
-            else "."
-        ),
+        )
+    elif "train_seconds" in meta:
+        trained = f"; training the target and the oracles took {meta['train_seconds']:.0f} s of it."
+    else:
+        trained = "."
+    lines = [
+        f"Preset `{meta.get('preset', '?')}`,"
+        f" made by `{meta.get('command', 'python -m gru_optim.demo')}`"
+        f" in {meta.get('wall_seconds', float('nan')):.0f} s wall time"
+        f" (torch {meta.get('torch', '?')},"
+        f" {meta.get('threads', cfg.get('threads', '?'))} CPU thread(s))" + trained,
         (
             f"{len({(r['method'], r['gru'], r['lr'], r['seed']) for r in runs})} unlearning runs"
-            f" ({len(cfg.get('methods', []))} methods × plain/GRU × {len(cfg.get('lrs', []))} learning"
+            f" ({len(cfg.get('methods', []))} methods × plain/GRU ×"
+            f" {len(cfg.get('lrs', []))} learning"
             f" rates × {len(cfg.get('seeds', []))} seeds, {cfg.get('steps', '?')} steps each),"
             f" {sum(1 for r in records if r['method'] == 'oracle')} oracles;"
-            f" forget split `{cfg.get('split', '?')}` of {cfg.get('corpus', {}).get('n_authors', '?')} authors."
+            f" forget split `{cfg.get('split', '?')}`"
+            f" of {cfg.get('corpus', {}).get('n_authors', '?')} authors."
         ),
     ]
     paths["readme"] = out_dir / "README.md"
@@ -497,8 +463,6 @@ def report_from_dir(out_dir: str | Path) -> dict[str, Path]:
     ``meta.json`` already in ``out_dir``."""
     out_dir = Path(out_dir)
     records = json.loads((out_dir / "summary.json").read_text())
-    records = [
-        {k: (math.nan if v is None else v) for k, v in r.items()} for r in records
-    ]
+    records = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
     meta = json.loads((out_dir / "meta.json").read_text())
     return write_report(records, out_dir, meta)

@@ -98,14 +98,10 @@ def _loss_fn(cfg: StudyConfig, method: str) -> Callable[..., torch.Tensor]:
             return ob.ga_loss(logits, fb.labels)
         if method == "GradDiff":
             rl = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits
-            return ob.grad_diff_loss(
-                logits, fb.labels, rl, rb.labels, cfg.graddiff_alpha
-            )
+            return ob.grad_diff_loss(logits, fb.labels, rl, rb.labels, cfg.graddiff_alpha)
         if method == "NPO":
             with torch.no_grad():
-                ref_logits = ref(
-                    input_ids=fb.input_ids, attention_mask=fb.attention_mask
-                ).logits
+                ref_logits = ref(input_ids=fb.input_ids, attention_mask=fb.attention_mask).logits
             return ob.npo_loss(logits, fb.labels, ref_logits, cfg.npo_beta)
         if method == "SimNPO":
             return ob.simnpo_loss(logits, fb.labels, cfg.simnpo_beta, cfg.simnpo_delta)
@@ -154,33 +150,30 @@ def unlearn(
     ridx = _batches(len(retain), min(cfg.retain_batch, len(retain)), cfg.steps, gen)
     loss_fn = _loss_fn(cfg, method)
     inner = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    opt: torch.optim.Optimizer = (
-        GRUOptimizer(inner, gamma=cfg.gamma) if use_gru else inner
-    )
+    gru = GRUOptimizer(inner, gamma=cfg.gamma) if use_gru else None
+    opt: torch.optim.Optimizer = gru if gru is not None else inner
     torch.manual_seed(seed)
     for step in range(1, cfg.steps + 1):
         fb, rb = forget.select(fidx[step - 1]), retain.select(ridx[step - 1])
         opt.zero_grad(set_to_none=True)
-        if use_gru:
+        if gru is not None:
 
             def forget_closure(fb: Any = fb, rb: Any = rb) -> torch.Tensor:
                 loss = loss_fn(model, target, fb, rb)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 return loss
 
             def retain_closure(rb: Any = rb) -> torch.Tensor:
                 from ..objectives import nll_loss
 
-                logits = model(
-                    input_ids=rb.input_ids, attention_mask=rb.attention_mask
-                ).logits
+                logits = model(input_ids=rb.input_ids, attention_mask=rb.attention_mask).logits
                 loss = nll_loss(logits, rb.labels)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 return loss
 
-            opt.step(forget_closure, retain_closure)  # type: ignore[call-arg]
+            gru.step(forget_closure, retain_closure)
         else:
-            loss_fn(model, target, fb, rb).backward()
+            loss_fn(model, target, fb, rb).backward()  # type: ignore[no-untyped-call]
             opt.step()
         if progress is not None:
             progress.update(1)
@@ -263,8 +256,7 @@ def run_study(
         infos.append(info)
         log(f"oracle {j}: {_how(info)}")
     answer_lens = [
-        len(tok.encode(" " + r["answer"]).ids)
-        for r in data.forget_eval + data.retain_eval
+        len(tok.encode(" " + r["answer"]).ids) for r in data.forget_eval + data.retain_eval
     ]
     ev = Evaluator(
         tok,
@@ -313,17 +305,13 @@ def run_study(
         for method in cfg.methods
         for gru in (False, True)
     ]
-    bar = tqdm(
-        total=len(runs) * cfg.steps, desc=f"unlearn ({len(runs)} runs)", mininterval=0.5
-    )
+    bar = tqdm(total=len(runs) * cfg.steps, desc=f"unlearn ({len(runs)} runs)", mininterval=0.5)
     for method, gru, lr, seed in runs:
         meta = {"method": method, "gru": gru, "seed": seed, "lr": lr}
         records.append({**meta, "step": 0, **target_m})
         t0 = time.perf_counter()
 
-        def record(
-            step: int, model: Any, meta: dict[str, Any] = meta, t0: float = t0
-        ) -> None:
+        def record(step: int, model: Any, meta: dict[str, Any] = meta, t0: float = t0) -> None:
             records.append(
                 {
                     **meta,
