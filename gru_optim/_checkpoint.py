@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 from ._groups import check_gamma, check_retain_weight, fill_groups
-from ._memory import EMA_KEY, RetainMemory
+from ._memory import EMA_KEY, HISTORY_KEY, RetainMemory
 
 if TYPE_CHECKING:
     from ._optimizer import GRUOptimizer
@@ -38,6 +38,8 @@ def save_state(opt: GRUOptimizer) -> dict[str, Any]:
             k = index[id(p)]
             entry = dict(state.get(k, {}))
             entry[EMA_KEY] = memory.entry(p)
+            if memory.history:
+                entry[HISTORY_KEY] = memory.history_entry(p)
             state[k] = entry
     out = {"state": state, "param_groups": sd["param_groups"]}
     for post_hook in opt._optimizer_state_dict_post_hooks.values():
@@ -139,6 +141,7 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
             id_to_param[k] = p
     inner_state: dict[Any, Any] = {}
     emas: dict[Tensor, Tensor] = {}
+    histories: dict[Tensor, list[Tensor]] = {}
     with_memory = False
     for k, entry in state_dict["state"].items():
         if k not in id_to_param:
@@ -150,6 +153,8 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
         if EMA_KEY in entry:
             with_memory = True
             emas[p] = RetainMemory.check_entry(p, entry.pop(EMA_KEY), f"parameter {k}")
+        if HISTORY_KEY in entry:
+            histories[p] = opt._memory.check_history(p, entry.pop(HISTORY_KEY), f"parameter {k}")
         _check_inner_entry(k, p, entry, inner.state.get(p), flat)
         if entry:
             inner_state[k] = entry
@@ -164,14 +169,14 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
                 "trainable: GRUOptimizer.state_dict() writes one for every trainable "
                 "parameter, so it was truncated (or they were frozen when it was saved)"
             )
-    buffers = opt._memory.prepare(emas)
+    prepared = opt._memory.prepare(emas, histories)
     old_state, old_groups = inner.state, inner.param_groups
     try:
         inner.load_state_dict({"state": inner_state, "param_groups": saved_groups})
     except BaseException:
         inner.state, inner.param_groups = old_state, old_groups
         raise
-    opt._memory.commit(buffers)
+    opt._memory.commit(prepared)
     fill_groups(inner.param_groups, opt._hdefaults)
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)

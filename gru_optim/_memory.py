@@ -18,6 +18,14 @@ Conventions, in this one place:
   zeros back as no memory;
 - for DTensor parameters (FSDP2) the buffer is a DTensor sharded like the parameter, and
   every operation works on the local shard.
+
+With ``history = k - 1 > 0`` (GRU-k) the memory also keeps the ``k - 1`` most recent raw
+retain gradients of every parameter (exactly what each fold folded in: after
+accumulation and unscaling, before any ``retain_weight`` scaling; zeros for a step in
+which the parameter had no retain gradient), in ``k - 1`` buffers per parameter in the
+memory's dtype, written as a ring (no copies on a fold).
+They are handed to the rule oldest first, and saved under :data:`HISTORY_KEY`, oldest
+first.
 """
 
 from __future__ import annotations
@@ -30,20 +38,29 @@ from torch import Tensor
 from ._functional import ema_update_
 from ._reduce import Reducer, local
 
-__all__ = ["EMA_KEY", "RetainMemory"]
+__all__ = ["EMA_KEY", "HISTORY_KEY", "RetainMemory"]
 
 EMA_KEY = "gru_ema"
 """Key of the retain memory in each parameter's entry of ``state_dict()["state"]``."""
+HISTORY_KEY = "gru_history"
+"""Key of the recent raw retain gradients (GRU-k, ``directions > 1``), a list oldest
+first, in each parameter's entry of ``state_dict()["state"]``."""
 
 
 class RetainMemory:
     """The buffers of the retain memory, by parameter."""
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, history: int = 0) -> None:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"ema_dtype must be a floating dtype or None, got {dtype!r}")
         self.dtype = dtype
+        self.history = history
         self._buffers: dict[Tensor, Tensor] = {}
+        # Per parameter, ``history`` separately allocated local tensors used as a ring (one
+        # allocation each, so every slot has the same alignment: dot products do not
+        # depend on which slot a gradient landed in, and resuming is bitwise).
+        self._hist: dict[Tensor, list[Tensor]] = {}
+        self._slot = 0  # the ring's next slot to write: the oldest
 
     # ------------------------------------------------------------------ access
     def dtype_for(self, p: Tensor) -> torch.dtype:
@@ -66,6 +83,33 @@ class RetainMemory:
     def locals(self, params: Sequence[Tensor]) -> list[Tensor | None]:
         """The local shard of each parameter's buffer (``None`` without one)."""
         return [None if (m := self._buffers.get(p)) is None else local(m) for p in params]
+
+    def histories(self, params: Sequence[Tensor]) -> list[list[Tensor] | None]:
+        """Each parameter's recent raw retain gradients, local shards, oldest first
+        (``None`` without a memory)."""
+        order = [(self._slot + i) % self.history for i in range(self.history)]
+        out: list[list[Tensor] | None] = []
+        for p in params:
+            h = self._hist.get(p) if p in self._buffers else None
+            out.append(None if h is None else [h[i] for i in order])
+        return out
+
+    def history_of(self, p: Tensor) -> list[Tensor]:
+        """The recent raw retain gradients of ``p``, oldest first, as tensors shaped like
+        ``p`` (DTensors for DTensor parameters): views of the live buffer."""
+        hs = self.histories([p])[0]
+        if hs is None:
+            return [self.zeros(p) for _ in range(self.history)]
+        return [self._wrap(p, h) for h in hs]
+
+    @staticmethod
+    def _wrap(p: Tensor, h: Tensor) -> Tensor:
+        if getattr(p, "to_local", None) is None:
+            return h
+        from torch.distributed.tensor import DTensor
+
+        assert isinstance(p, DTensor)
+        return DTensor.from_local(h, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
     def zeros(self, p: Tensor) -> Tensor:
         """A zero buffer for ``p`` (``m_0``)."""
@@ -106,6 +150,9 @@ class RetainMemory:
         for p in with_grad:
             if p not in self._buffers:
                 self._buffers[p] = self.zeros(p)
+                if self.history:
+                    lp = local(self._buffers[p])
+                    self._hist[p] = [torch.zeros_like(lp) for _ in range(self.history)]
         by_gamma: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for p, g in zip(with_grad, grads):
             ms, gs = by_gamma.setdefault(gamma[id(p)], ([], []))
@@ -122,12 +169,28 @@ class RetainMemory:
                     # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded
                     # checkpoint reads an all-zero memory.
                     del self._buffers[p]
+                    self._hist.pop(p, None)
                 else:
                     decay.setdefault(gm, []).append(local(self._buffers[p]))
         for gm, ms in decay.items():
             torch._foreach_mul_(ms, 1.0 - gm)
+        if self.history:
+            # The raw retain gradient of this fold replaces the oldest one (zeros for a
+            # parameter without a retain gradient this step).
+            slot = self._slot
+            dst = [self._hist[p][slot] for p in with_grad]
+            if dst:
+                torch._foreach_copy_(dst, list(grads))
+            for p in self._hist:
+                if id(p) not in present and p in self._buffers:
+                    self._hist[p][slot].zero_()
+            self._slot = (slot + 1) % self.history
 
     # ------------------------------------------------------------------ checkpoints
+    def history_entry(self, p: Tensor) -> list[Tensor]:
+        """What ``state_dict`` saves under :data:`HISTORY_KEY` for ``p``: oldest first."""
+        return self.history_of(p)
+
     def entry(self, p: Tensor) -> Tensor:
         """What ``state_dict`` saves for ``p``: its buffer, or zeros."""
         m = self._buffers.get(p)
@@ -150,29 +213,42 @@ class RetainMemory:
             )
         return m
 
-    def prepare(self, saved: dict[Tensor, Tensor]) -> dict[Tensor, Tensor]:
-        """New buffers from validated saved entries (copies, in this memory's dtype);
-        all-zero entries are no memory. Non-finite entries raise. The memory itself is
-        not changed (:meth:`commit` installs the result). One host read, and one
-        collective for sharded memories."""
+    def prepare(
+        self, saved: dict[Tensor, Tensor], histories: dict[Tensor, list[Tensor]] | None = None
+    ) -> tuple[dict[Tensor, Tensor], dict[Tensor, list[Tensor]]]:
+        """New buffers from validated saved entries (copies, in this memory's dtype), and
+        the stacked histories (oldest first; zeros where none was saved); all-zero
+        memories are no memory. Non-finite entries raise. The memory itself is not
+        changed (:meth:`commit` installs the result). One host read, and one collective
+        for sharded memories."""
         new: dict[Tensor, Tensor] = {}
+        hist: dict[Tensor, list[Tensor]] = {}
+        histories = histories or {}
         with torch.no_grad():
             for p, m in saved.items():
                 buf = self.zeros(p)
                 buf.copy_(m)
                 new[p] = buf
+                if self.history:
+                    lm = local(buf)
+                    h = [torch.zeros_like(lm) for _ in range(self.history)]
+                    for i, t in enumerate(histories.get(p, [])):
+                        h[i].copy_(local(t))
+                    hist[p] = h
             keys = list(new)
             if not keys:
-                return new
+                return new, hist
             first = local(new[keys[0]]).device
+
+            def nonfinite(q: Tensor) -> Tensor:
+                bad = (~torch.isfinite(local(new[q]))).any()
+                for h in hist.get(q, []):
+                    bad = bad | (~torch.isfinite(h)).any()
+                return bad.to(first, torch.float32)
+
             flags = torch.stack(
                 [
-                    torch.stack(
-                        [
-                            local(new[q]).ne(0).any().to(first, torch.float32),
-                            (~torch.isfinite(local(new[q]))).any().to(first, torch.float32),
-                        ]
-                    )
+                    torch.stack([local(new[q]).ne(0).any().to(first, torch.float32), nonfinite(q)])
                     for q in keys
                 ]
             )
@@ -184,11 +260,30 @@ class RetainMemory:
                 f"the retain memory of {bad} parameter(s) in the state dict is not finite "
                 "(NaN or infinity): it would disable GRU for good; the checkpoint is corrupt"
             )
-        return {q: new[q] for q, (nz, _) in zip(keys, host) if nz > 0}
+        keep = [q for q, (nz, _) in zip(keys, host) if nz > 0]
+        return {q: new[q] for q in keep}, {q: hist[q] for q in keep if q in hist}
 
-    def commit(self, buffers: dict[Tensor, Tensor]) -> None:
-        """Install buffers made by :meth:`prepare`."""
-        self._buffers = buffers
+    def check_history(self, p: Tensor, h: object, where: str) -> list[Tensor]:
+        """Validate a saved history for ``p``: a list of ``self.history`` tensors shaped
+        like ``p``."""
+        if self.history == 0:
+            raise ValueError(
+                f"the state dict keeps recent retain gradients ({HISTORY_KEY}) for {where}: it "
+                "comes from a GRU-k optimizer; build this one with the same directions="
+            )
+        if not isinstance(h, (list, tuple)) or len(h) != self.history:
+            n = len(h) if isinstance(h, (list, tuple)) else type(h).__name__
+            raise ValueError(
+                f"{HISTORY_KEY} of {where} has {n} entries, this optimizer keeps "
+                f"{self.history} (directions={self.history + 1})"
+            )
+        return [self.check_entry(p, t, f"{where} ({HISTORY_KEY})") for t in h]
+
+    def commit(self, prepared: tuple[dict[Tensor, Tensor], dict[Tensor, list[Tensor]]]) -> None:
+        """Install what :meth:`prepare` made (histories oldest first: the ring restarts)."""
+        self._buffers, self._hist = prepared
+        self._slot = 0
 
     def drop(self, p: Tensor) -> None:
         self._buffers.pop(p, None)
+        self._hist.pop(p, None)

@@ -12,8 +12,9 @@ sides themselves are in :mod:`._sides`. ``docs/design.md`` draws it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from ._inner import needs_closure
 from ._memory import EMA_KEY, RetainMemory
 from ._partition import PARTITIONS, Granularity
 from ._pending import Pending, RetainPass, signature
-from ._rules import CosClip, Projection, Rule
+from ._rules import Cone, CosClip, Projection, Rule
 from ._sides import Closure, _Sides, check_loss
 from ._spaces import SPACES
 
@@ -72,7 +73,11 @@ class GRUOptimizer(_Sides, Optimizer):
             the authors' partial projection, which removes only the part of a conflict
             beyond that cosine (they use ``-0.5``). Stored per parameter group under
             ``"gru_cos_clip"``.
-        rule: a :class:`~gru_optim.rules.Rule` instance instead of the two above.
+        directions: ``1`` (the paper) or ``k`` up to 16 (GRU-k): rectify against the
+            memory and the ``k - 1`` most recent raw retain gradients at once, the
+            projection onto the cone they span (:class:`~gru_optim.rules.Cone`). Keeps
+            ``k - 1`` extra parameter-sized buffers in ``ema_dtype``.
+        rule: a :class:`~gru_optim.rules.Rule` instance instead of the three above.
         max_grad_norm: clip the final gradient (the rectified forget gradient plus what
             is added after rectification) to this global norm right before the inner
             step, as the authors' Trainer does; ``None`` does not clip. Clip here, not
@@ -124,6 +129,7 @@ class GRUOptimizer(_Sides, Optimizer):
         retain_weight: float = 0.0,
         space: str = "gradient",
         cos_clip: float | None = None,
+        directions: int = 1,
         rule: Rule | None = None,
         max_grad_norm: float | None = None,
         ema_dtype: torch.dtype | None = None,
@@ -148,11 +154,27 @@ class GRUOptimizer(_Sides, Optimizer):
             )
         if space not in SPACES:
             raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
+        if (
+            isinstance(directions, bool)
+            or not isinstance(directions, int)
+            or not 1 <= directions <= 16
+        ):
+            raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
+        if directions > 1 and (rule is not None or cos_clip is not None):
+            raise ValueError("directions > 1 is the cone rule: give directions, cos_clip or rule")
         if rule is not None and cos_clip is not None:
             raise ValueError("give cos_clip or rule, not both")
         if rule is not None and not isinstance(rule, Rule):
             raise TypeError(f"rule must be a gru_optim.rules.Rule, got {type(rule).__name__}")
-        self._rule: Rule = rule or (CosClip(cos_clip) if cos_clip is not None else Projection())
+        if rule is None:
+            rule = (
+                Cone(directions)
+                if directions > 1
+                else CosClip(cos_clip)
+                if cos_clip is not None
+                else Projection()
+            )
+        self._rule: Rule = rule
         if max_grad_norm is not None:
             max_grad_norm = real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         for name, flag in (("skip_nonfinite", skip_nonfinite),):
@@ -161,7 +183,8 @@ class GRUOptimizer(_Sides, Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
         self._inner = optimizer
-        self._memory = RetainMemory(ema_dtype)
+        history = rule.directions - 1 if isinstance(rule, Cone) else 0
+        self._memory = RetainMemory(ema_dtype, history=history)
         self._amp = AmpBoundary(grad_scaler, self)
         self.granularity: str = granularity
         self.space: str = space
@@ -512,10 +535,30 @@ class GRUOptimizer(_Sides, Optimizer):
         gradient). The tensor is the live buffer: do not modify it."""
         return self._memory.get(p)
 
+    def retain_history(self, p: Tensor) -> list[Tensor]:
+        """The ``directions - 1`` most recent raw retain gradients of ``p`` (GRU-k), oldest
+        first (zeros before they exist; ``[]`` with ``directions=1``). Views of the live
+        buffers: do not modify them."""
+        return self._memory.history_of(p) if self._memory.history else []
+
 
 # torch.compile: a compiled function that calls step() runs it eagerly (one graph break,
 # hooks included), so that its bookkeeping across the retain and forget sides is never
-# lost between graphs. Marked as hooked, so Optimizer.__init__ does not wrap it again.
-_step = torch.compiler.disable(Optimizer.profile_hook_step(GRUOptimizer.step))  # type: ignore[no-untyped-call]
-_step.hooked = True
+# split between graphs. Importing torch._dynamo at import time makes gloo process groups
+# hang at exit now and then (torch 2.13), so the eager wrapper is made only once dynamo
+# is compiling. The function is marked as hooked: Optimizer.__init__ leaves it alone.
+_hooked = Optimizer.profile_hook_step(GRUOptimizer.step)
+_eager: list[Callable[..., Any]] = []
+
+
+def _step(self: GRUOptimizer, *args: Any, **kwargs: Any) -> Any:
+    if torch.compiler.is_compiling():
+        if not _eager:
+            _eager.append(torch.compiler.disable(_hooked))  # type: ignore[no-untyped-call]
+        return _eager[0](self, *args, **kwargs)
+    return _hooked(self, *args, **kwargs)
+
+
+functools.update_wrapper(_step, GRUOptimizer.step)
+_step.hooked = True  # type: ignore[attr-defined]
 GRUOptimizer.step = _step  # type: ignore[method-assign]

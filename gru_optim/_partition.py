@@ -70,8 +70,10 @@ class Layout:
         segments: list[int] | None,
         hyper: list[dict[str, float]],
         reducer: Any,
+        history: list[list[Tensor] | None] | None = None,
     ) -> None:
         self.members = members
+        self.history = history
         self.directions = directions
         self.segments = segments
         self.hyper = hyper
@@ -95,6 +97,7 @@ class Layout:
             offsets=offsets,
             foreach=foreach,
             numels=self.numels,
+            history=self.history,
         )
 
     def apply_(
@@ -107,4 +110,12 @@ class Layout:
         foreach: bool | None = None,
     ) -> None:
         """``rule.apply_`` over this layout."""
-        rule.apply_(targets, self.directions, solution, self.segments, sign=sign, foreach=foreach)
+        rule.apply_(
+            targets,
+            self.directions,
+            solution,
+            self.segments,
+            sign=sign,
+            foreach=foreach,
+            history=self.history,
+        )

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from ._cone import cone_coefficients, segment_gram
 from ._functional import (
     SegmentStats,
     conflict_coefficients,
@@ -29,11 +30,12 @@ from ._functional import (
     expand_segments,
     project_,
     segment_stats,
+    tensor_dots,
 )
 from ._groups import real
 from ._reduce import Reducer
 
-__all__ = ["CosClip", "OneDirection", "Projection", "Rule", "Solution"]
+__all__ = ["Cone", "CosClip", "OneDirection", "Projection", "Rule", "Solution"]
 
 
 class Solution(NamedTuple):
@@ -45,6 +47,13 @@ class Solution(NamedTuple):
     where nothing conflicts)."""
     ok: Tensor
     """0-dim: every sum finite and in range, every coefficient finite."""
+    active: Tensor
+    """0-dim: how many constraints bind, over all segments."""
+    min_slack: Tensor
+    """0-dim: the smallest ``<x, d_i> / |d_i|`` after rectification, over segments and
+    directions (``+inf`` without any direction)."""
+    multipliers: Tensor | None = None
+    """``(S, k)`` multipliers of rules with several directions: ``x = g + sum_i l_i d_i``."""
 
 
 class Rule:
@@ -74,8 +83,28 @@ class Rule:
         offsets: Tensor | None = None,
         foreach: bool | None = None,
         numels: Sequence[int] | None = None,
+        history: Sequence[Sequence[Tensor] | None] | None = None,
     ) -> Solution:
+        """Compute the rectification (change nothing): see the module's docstring."""
         raise NotImplementedError
+
+    def offsets(
+        self,
+        vectors: Sequence[Tensor],
+        directions: Sequence[Tensor | None],
+        history: Sequence[Sequence[Tensor] | None] | None = None,
+    ) -> Tensor:
+        """Per vector, the dot products :meth:`solve` subtracts (``offsets``) when these
+        vectors stay in ``.grad`` under the forget gradient: here, with the memory."""
+        have = [i for i, d in enumerate(directions) if d is not None]
+        if not have:
+            return torch.zeros(len(vectors), device=vectors[0].device)
+        d = tensor_dots([vectors[i] for i in have], [directions[i] for i in have])  # type: ignore[misc]
+        zero = d.new_zeros(())
+        vals = [zero] * len(vectors)
+        for pos, i in enumerate(have):
+            vals[i] = d[pos]
+        return torch.stack(vals)
 
     def apply_(
         self,
@@ -86,6 +115,7 @@ class Rule:
         *,
         sign: float = 1.0,
         foreach: bool | None = None,
+        history: Sequence[Sequence[Tensor] | None] | None = None,
     ) -> None:
         """``targets[i] -= sign * coef[segment of i] * directions[i]`` (members without a
         direction are left alone)."""
@@ -122,6 +152,7 @@ class OneDirection(Rule):
         offsets: Tensor | None = None,
         foreach: bool | None = None,
         numels: Sequence[int] | None = None,
+        history: Sequence[Sequence[Tensor] | None] | None = None,
     ) -> Solution:
         stats = segment_stats(
             vectors,
@@ -137,7 +168,11 @@ class OneDirection(Rule):
         # they are float64): it must be finite there too.
         wide = all(v.dtype == torch.float64 for v in vectors)
         ok = stats.in_range.all() & torch.isfinite(coef if wide else coef.float()).all()
-        return Solution(stats, coef, ok)
+        has = stats.ema_sq_norm > 0
+        norm = torch.where(has, stats.ema_sq_norm, torch.ones_like(stats.ema_sq_norm)).sqrt()
+        slack = torch.where(has, (stats.dot - coef * stats.ema_sq_norm) / norm, float("inf"))
+        active = ((coef != 0) & has).sum()
+        return Solution(stats, coef, ok, active, slack.min())
 
 
 class Projection(OneDirection):
@@ -185,4 +220,127 @@ class CosClip(OneDirection):
         return cosclip_coefficients(stats.dot, stats.ema_sq_norm, stats.grad_sq_norm, threshold)
 
 
-RULES: dict[str, Callable[..., Rule]] = {"projection": Projection, "cos_clip": CosClip}
+class Cone(Rule):
+    """GRU-k: rectify against the memory and the ``k - 1`` most recent raw retain
+    gradients at once: the projection onto the cone ``{x : <x, d_i> >= 0}``
+    (:func:`gru_optim.functional.cone_coefficients`). ``k = 1`` is the paper's rule.
+
+    Per segment it needs the ``k (k + 1) / 2`` Gram entries and the ``k`` dot products of
+    the vector with the directions, summed with one packed all-reduce."""
+
+    name = "cone"
+
+    def __init__(self, directions: int) -> None:
+        if (
+            isinstance(directions, bool)
+            or not isinstance(directions, int)
+            or not 1 <= directions <= 16
+        ):
+            raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
+        self.directions = directions
+
+    def _columns(
+        self,
+        n: int,
+        directions: Sequence[Tensor | None],
+        history: Sequence[Sequence[Tensor] | None] | None,
+    ) -> list[list[Tensor | None]]:
+        cols: list[list[Tensor | None]] = [list(directions)]
+        hist = history if history is not None else [None] * n
+        for j in range(self.directions - 1):
+            cols.append([None if h is None else h[j] for h in hist])
+        return cols
+
+    def offsets(
+        self,
+        vectors: Sequence[Tensor],
+        directions: Sequence[Tensor | None],
+        history: Sequence[Sequence[Tensor] | None] | None = None,
+    ) -> Tensor:
+        """Per vector, its dot products with every direction: ``(n, k)``."""
+        cols = self._columns(len(vectors), directions, history)
+        out = []
+        for col in cols:
+            have = [i for i, d in enumerate(col) if d is not None]
+            d = tensor_dots([vectors[i] for i in have], [col[i] for i in have]) if have else None  # type: ignore[misc]
+            vals = [torch.zeros((), device=vectors[0].device)] * len(vectors)
+            for pos, i in enumerate(have):
+                vals[i] = d[pos]  # type: ignore[index]
+            out.append(
+                torch.stack(
+                    [
+                        v.to(
+                            torch.float64
+                            if d is not None and d.dtype == torch.float64
+                            else torch.float32
+                        )
+                        for v in vals
+                    ]
+                )
+            )
+        return torch.stack(out, -1)
+
+    def solve(
+        self,
+        vectors: Sequence[Tensor],
+        directions: Sequence[Tensor | None],
+        segments: list[int] | None,
+        reducer: Reducer,
+        *,
+        hyper: list[dict[str, float]],
+        offsets: Tensor | None = None,
+        foreach: bool | None = None,
+        numels: Sequence[int] | None = None,
+        history: Sequence[Sequence[Tensor] | None] | None = None,
+    ) -> Solution:
+        cols = self._columns(len(vectors), directions, history)
+        gram, dots, g_sq, in_range = segment_gram(
+            list(vectors),
+            cols,
+            segments,
+            dot_offsets=offsets,
+            all_reduce=reducer.fn,
+            foreach=foreach,
+            numels=list(numels) if numels is not None else None,
+        )
+        cone = cone_coefficients(gram, dots, g_sq, precision=gram.dtype)
+        lam = cone.coef.to(gram.dtype)
+        stats = SegmentStats(dots[:, 0], gram[:, 0, 0], g_sq, in_range)
+        wide = all(v.dtype == torch.float64 for v in vectors)
+        ok = in_range.all() & torch.isfinite(lam if wide else lam.float()).all()
+        finite = torch.isfinite(cone.slack)
+        min_slack = torch.where(finite, cone.slack, float("inf")).min().to(gram.dtype)
+        return Solution(stats, -lam[:, 0], ok, cone.active.sum(), min_slack, lam)
+
+    def apply_(
+        self,
+        targets: Sequence[Tensor],
+        directions: Sequence[Tensor | None],
+        solution: Solution,
+        segments: list[int] | None,
+        *,
+        sign: float = 1.0,
+        foreach: bool | None = None,
+        history: Sequence[Sequence[Tensor] | None] | None = None,
+    ) -> None:
+        """``targets[i] += sign * sum_j lambda_j d_j`` per segment."""
+        assert solution.multipliers is not None
+        cols = self._columns(len(targets), directions, history)
+        for j, col in enumerate(cols):
+            have = [i for i, d in enumerate(col) if d is not None]
+            if not have:
+                continue
+            per = expand_segments(-sign * solution.multipliers[:, j], segments, len(targets))
+            project_(
+                [targets[i] for i in have],
+                [col[i] for i in have],  # type: ignore[misc]
+                torch.stack([per[i] for i in have]),
+                foreach=foreach,
+            )
+
+
+RULES: dict[str, Callable[..., Rule]] = {
+    "projection": Projection,
+    "cos_clip": CosClip,
+    "cone": Cone,
+}

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._amp import AmpBoundary
-from ._functional import clip_coefficient, sum_sq, tensor_dots, tensor_sq_norms, total_norm
+from ._functional import clip_coefficient, sum_sq, tensor_sq_norms, total_norm
 from ._groups import Hyper, read_groups
 from ._inner import step_inner
 from ._memory import RetainMemory
@@ -257,7 +257,11 @@ class _Sides:
             with torch.no_grad():
                 kept = [p for p in params if p.grad is not None and p in self._memory]
                 if kept:
-                    d = tensor_dots([local(p.grad) for p in kept], self._memory.locals(kept))  # type: ignore[arg-type]
+                    d = self._rule.offsets(
+                        [local(p.grad) for p in kept],  # type: ignore[arg-type]
+                        self._memory.locals(kept),
+                        self._memory.histories(kept) if self._memory.history else None,
+                    )
                     inv = self._amp.inv_scale(d.device)
                     pending.offsets = dict(
                         zip(kept, (d if inv is None else d * inv.to(d)).unbind())
@@ -323,7 +327,7 @@ class _Sides:
             device = vectors[0].device
             offsets = None
             if pending.offsets:
-                zero = torch.zeros((), device=device)
+                zero = torch.zeros_like(next(iter(pending.offsets.values()))).to(device)
                 offsets = torch.stack(
                     [pending.offsets.get(p, zero).to(device) for p in layout.members]
                 )
@@ -376,6 +380,7 @@ class _Sides:
             segments,
             self._segment_hyper(members, segments, hypers),
             Reducer.for_params(members),
+            self._memory.histories(members) if self._memory.history else None,
         )
 
     def _segment_hyper(
@@ -410,6 +415,8 @@ class _Sides:
             reason=reason if self._checking() else torch.zeros_like(reason),
             grad_norm=grad_norm,
             clip_coef=clip,
+            active=sol.active,
+            min_slack=sol.min_slack,
             clipping=self.max_grad_norm is not None,
         )
         if "post_loss" in pending.extra:

@@ -54,6 +54,8 @@ STAT_KEYS = (
     "forget_grad_norm",
     "retain_grad_norm",
     "ema_norm",
+    "active_directions",
+    "min_slack",
 )
 """The keys of every step's statistics. With ``max_grad_norm`` there are also
 ``grad_norm`` (the final gradient's norm before clipping) and ``clip_coef`` (the factor
@@ -114,6 +116,8 @@ def step_stats(
     reason: Tensor,
     grad_norm: Tensor | None,
     clip_coef: Tensor | None,
+    active: Tensor,
+    min_slack: Tensor,
     clipping: bool = False,
 ) -> dict[str, Tensor]:
     """The statistics of a rectified step, from the per-segment sums."""
@@ -142,6 +146,8 @@ def step_stats(
         "forget_grad_norm": g_norm,
         "retain_grad_norm": retain_grad_norm.to(device),
         "ema_norm": ema_norm,
+        "active_directions": active.to(device),
+        "min_slack": min_slack.to(device),
     }
     if clipping:
         # NaN when the step was skipped before the final gradient existed.

@@ -4,6 +4,7 @@ These are what :class:`gru_optim.GRUOptimizer` is made of; use them directly to 
 other training schemes on the same rule.
 """
 
+from ._cone import ConeSolution, cone_coefficients, segment_gram
 from ._functional import (
     RectifyResult,
     SegmentStats,
@@ -23,9 +24,11 @@ from ._functional import (
 )
 
 __all__ = [
+    "ConeSolution",
     "RectifyResult",
     "SegmentStats",
     "clip_coefficient",
+    "cone_coefficients",
     "conflict_coefficients",
     "cosclip_coefficients",
     "ema_update_",
@@ -33,6 +36,7 @@ __all__ = [
     "project_",
     "rectify_",
     "segment_dots",
+    "segment_gram",
     "segment_stats",
     "segment_sum",
     "tensor_dots",

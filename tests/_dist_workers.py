@@ -313,6 +313,7 @@ def ddp_suite(rank: int, world: int) -> dict[str, Any]:
     for name, kw, post in (
         ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
         ("ddp_post", {"max_grad_norm": 0.05}, True),
+        ("ddp_k4", {"directions": 4, "retain_weight": 0.5}, False),
     ):
         model = DDP(make_model(), find_unused_parameters=True)
         opt = GRUOptimizer(default_inner(list(model.parameters())), **kw)
@@ -480,6 +481,36 @@ def fsdp_suite(rank: int, world: int) -> dict[str, Any]:
         opt.zero_grad()
         opt.step(f, r, post_closure(model, b))
     out["fsdp_post"] = _params(model)
+
+    # 3a'. GRU-k: Gram entries of the four directions in the one packed all_reduce.
+    model = _fsdp_model()
+    opt = GRUOptimizer(default_inner(list(model.parameters())), directions=4)
+    out["calls_k4"] = train(model, opt, batches[:STEPS])
+    out["fsdp_k4"] = _params(model)
+    out["fsdp_k4_history_local"] = all(
+        all(h.to_local().numel() == p.to_local().numel() for h in opt.retain_history(p))  # type: ignore[attr-defined]
+        for p in model.parameters()
+    )
+    # ... and its history through a distributed checkpoint, bitwise.
+    ck = tempfile.mkdtemp() if rank == 0 else ""
+    holder_k = [ck]
+    torch.distributed.broadcast_object_list(holder_k, src=0)
+    ck = holder_k[0]
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ck)
+    train(model, opt, batches[STEPS:])
+    out["k4_continued"] = _params(model)
+    model_k = _fsdp_model()
+    opt_k = GRUOptimizer(default_inner(list(model_k.parameters())), directions=4)
+    msd2, osd2 = get_state_dict(model_k, opt_k)
+    dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=ck)
+    set_state_dict(model_k, opt_k, model_state_dict=msd2, optim_state_dict=osd2)
+    train(model_k, opt_k, batches[STEPS:])
+    out["k4_resumed"] = _params(model_k)
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(ck, ignore_errors=True)
 
     # 3b. Update-space rectification: a second packed all_reduce, after the inner step.
     model = _fsdp_model()

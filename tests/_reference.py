@@ -61,6 +61,21 @@ def project_flat(
     return g.clone(), d, 0.0
 
 
+def cone_project(g: Tensor, dirs: list[Tensor]) -> Tensor:
+    """The closest point to g with <x, d> >= 0 for every non-zero d (GRU-k), by SciPy's
+    non-negative least squares on the dual: x = g + D lambda, lambda = argmin
+    ||D lambda + g||, lambda >= 0. float64."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    cols = [d.to(torch.float64) for d in dirs if float(d.to(torch.float64).norm()) > 0]
+    if not cols:
+        return g.to(torch.float64).clone()
+    d = torch.stack(cols, 1).numpy()
+    lam, _ = nnls(d, -g.to(torch.float64).numpy(), maxiter=100 * d.shape[1])
+    return g.to(torch.float64) + torch.from_numpy(d @ np.asarray(lam))
+
+
 class ReferenceGRU:
     """GRU by the book, around a plain optimizer, in float64 arithmetic.
 
@@ -77,8 +92,11 @@ class ReferenceGRU:
         space: str = "gradient",
         cos_clip: float | None = None,
         max_grad_norm: float | None = None,
+        directions: int = 1,
     ) -> None:
         self.inner = inner
+        self.directions = directions
+        self.raw: dict[int, list[Tensor]] = {}  # recent raw retain gradients, newest last
         self.cos_clip = cos_clip
         self.max_grad_norm = max_grad_norm
         self.gamma = gamma
@@ -139,9 +157,34 @@ class ReferenceGRU:
                 self.ema[k] = self.gamma * g_r[k] + (1.0 - self.gamma) * old
             elif k in self.ema:
                 self.ema[k] = (1.0 - self.gamma) * self.ema[k]
+            if self.directions > 1 and k in self.ema:
+                hist = self.raw.setdefault(k, [])
+                hist.append(g_r[k].clone() if k in g_r else torch.zeros_like(self.ema[k]))
+                del hist[: -(self.directions - 1)]
         for p in params:
             p.grad = None
         return g_r
+
+    def _rectify(
+        self, vec: Tensor, seg: list[Tensor], like: dict[int, Tensor]
+    ) -> tuple[Tensor, float, float]:
+        """Rectify the flat ``vec`` of segment ``seg``: (x, <vec, m>, coefficient of m)."""
+        ms = [self.ema.get(id(p), torch.zeros_like(like[id(p)])) for p in seg]
+        if self.directions == 1:
+            return project_flat(vec, _flat(ms), self.cos_clip)
+        dirs = [_flat(ms)]
+        for j in range(self.directions - 1):
+            col = []
+            for p in seg:
+                h = self.raw.get(id(p), [])
+                # oldest first, padded with zeros before k - 1 folds
+                h = [torch.zeros_like(like[id(p)])] * (self.directions - 1 - len(h)) + h
+                col.append(h[j])
+            dirs.append(_flat(col))
+        x = cone_project(vec, dirs)
+        d = float(vec.to(torch.float64) @ dirs[0])
+        # "coefficient" only marks whether anything was projected
+        return x, d, (0.0 if torch.equal(x, vec.to(torch.float64)) else float("nan"))
 
     def step(
         self,
@@ -180,7 +223,7 @@ class ReferenceGRU:
                 ms = [self.ema.get(id(p), torch.zeros_like(g_f[id(p)])) for p in seg]
                 if not any(id(p) in self.ema for p in seg):
                     continue
-                x, d, c = project_flat(_flat(gs), _flat(ms), self.cos_clip)
+                x, d, c = self._rectify(_flat(gs), seg, g_f)
                 info["dots"].append(d)
                 info["coefs"].append(c)
                 info["sq"].append(float(_flat(ms).square().sum()))
@@ -219,7 +262,8 @@ class ReferenceGRU:
                     deltas = [p.detach().to(torch.float64) - old[id(p)] for p in seg]
                     ms = [self.ema[id(p)] for p in seg]
                     # The update must satisfy <delta, m> <= 0: rectify -delta.
-                    x, d, c = project_flat(-_flat(deltas), _flat(ms))
+                    like = {id(p): dl for p, dl in zip(seg, deltas)}
+                    x, d, c = self._rectify(-_flat(deltas), seg, like)
                     info["dots"].append(-d)
                     info["coefs"].append(c)
                     info["sq"].append(float(_flat(ms).square().sum()))

@@ -122,12 +122,15 @@ CONFIGS = [
     {"gamma": 0.8, "space": "update"},
     {"gamma": 0.8, "cos_clip": -0.3},
     {"gamma": 0.8, "post": True, "max_grad_norm": 0.05},
+    {"gamma": 0.8, "directions": 4, "retain_weight": 0.5},
 ]
 
 
 @pytest.mark.parametrize("path", ["closures", "closure_free"])
 @pytest.mark.parametrize(
-    "gru", CONFIGS, ids=["global", "tensor", "retain_weight", "update", "cos_clip", "post_and_clip"]
+    "gru",
+    CONFIGS,
+    ids=["global", "tensor", "retain_weight", "update", "cos_clip", "post_and_clip", "gru_k"],
 )
 def test_four_micro_batches_of_four_equal_one_batch_of_sixteen(
     path: str, gru: dict[str, Any]

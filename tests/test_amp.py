@@ -122,7 +122,9 @@ PATHS = ["closures", "closures_scaler_step", "closure_free", "closure_free_scale
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
-    "gru", [{}, {"retain_weight": 0.5}, {"space": "update"}], ids=["plain", "rw", "update"]
+    "gru",
+    [{}, {"retain_weight": 0.5}, {"space": "update"}, {"directions": 3, "retain_weight": 0.5}],
+    ids=["plain", "rw", "update", "gru_k"],
 )
 def test_scaled_run_matches_unscaled_bitwise(path: str, gru: dict[str, Any]) -> None:
     ref_model, ref_opt = run(path, None, **gru)

@@ -93,6 +93,7 @@ def test_ddp_no_sync_closures_with_retain_weight(ddp) -> None:
     [
         ("ddp_clip_cos", {"max_grad_norm": 0.05, "cos_clip": -0.5}, False),
         ("ddp_post", {"max_grad_norm": 0.05}, True),
+        ("ddp_k4", {"directions": 4, "retain_weight": 0.5}, False),
     ],
 )
 def test_ddp_clip_cos_clip_and_post_closure_equal_one_process(ddp, key, kw, post) -> None:
@@ -151,6 +152,18 @@ def test_fsdp2_clip_cos_clip_and_post_closure_equal_one_process(fsdp, key, kw, p
     identical(fsdp[0][key], fsdp[1][key])
     close(fsdp[0][key], params)
     assert not torch.allclose(fsdp[0][key][0], fsdp[0]["fsdp"][0])
+
+
+def test_fsdp2_gru_k_equals_one_process_with_one_packed_all_reduce(fsdp) -> None:
+    params, _ = W.reference_run(directions=4)
+    identical(fsdp[0]["fsdp_k4"], fsdp[1]["fsdp_k4"])
+    close(fsdp[0]["fsdp_k4"], params)
+    k = 4
+    packed = k * (k + 1) // 2 + k + 1  # Gram entries, dots with g, |g|^2
+    for r in fsdp:
+        assert r["fsdp_k4_history_local"] is True
+        assert r["calls_k4"] == [[(1, 4), (packed, 4 * packed)]] * W.STEPS
+        identical(r["k4_resumed"], r["k4_continued"])
 
 
 def test_fsdp2_clipping_adds_one_scalar_all_reduce(fsdp) -> None:
