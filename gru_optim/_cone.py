@@ -86,8 +86,8 @@ def _spd_solve(
     dimensions, by Gauss-Jordan elimination without pivoting (``a`` is a correlation
     matrix: symmetric positive semi-definite with unit diagonal). A pivot below
     ``pivot_tol`` (its direction is, to the precision of the sums, in the span of the
-    earlier ones) is dropped: its unknown is zero. Elementwise operations only: the result does not depend
-    on memory layout or threads (LAPACK's can), so resuming a run is bitwise.
+    earlier ones) is dropped: its unknown is zero. Elementwise operations only: the result
+    does not depend on memory layout or threads (LAPACK's can), so resuming is bitwise.
 
     Returns ``(x, kept)``: ``x`` zero outside ``S`` and on dropped pivots."""
     a = torch.where(active[..., :, None] & active[..., None, :], a, torch.zeros_like(a))
