@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 TORCH  := torch==2.13.0
-EXTRAS := test,bench,hf,study
+EXTRAS := test,bench,hf,study,triton
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench clean lint

@@ -72,23 +72,44 @@ def _default_foreach(tensors: Sequence[Tensor]) -> bool:
     return all(type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter) for t in tensors)
 
 
+def _fusable(*lists: Sequence[Tensor | None]) -> bool:
+    """The fused kernels take contiguous tensors (anything else uses the foreach path)."""
+    return all(t is None or t.is_contiguous() for ts in lists for t in ts)
+
+
 def ema_update_(
     ema: Sequence[Tensor],
     grads: Sequence[Tensor],
     gamma: float,
     *,
     foreach: bool | None = None,
+    fused: bool = False,
+    gate: Tensor | None = None,
 ) -> None:
     """Fold ``grads`` into the retain memory in place.
 
     Promises ``ema[i] <- gamma * grads[i] + (1 - gamma) * ema[i]`` for every ``i``, in the
     dtype of ``ema[i]`` (the gradients may have another dtype). ``gamma`` weighs the new
     gradient, as in the authors' code; ``gamma = 1`` copies the gradient exactly.
+
+    ``gate`` (a 0-dim tensor): fold only if it is true. The fused path (``fused=True``,
+    Triton) reads it on the device; the others read it on the host (one synchronisation).
     """
     if len(ema) != len(grads):
         raise ValueError(f"ema_update_: {len(ema)} buffers but {len(grads)} gradients")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if fused and ema and _fusable(ema, grads):
+        from . import _fused
+
+        for (dev, _, _), idx in _group(ema, grads).items():
+            ms = [ema[i] for i in idx]
+            gs = [grads[i] for i in idx]
+            g = gate if gate is not None else torch.ones((), dtype=torch.bool, device=dev)
+            _fused.fold_(ms, gs, _fused.device_floats([gamma] * len(ms), dev), g.to(dev))
+        return
+    if gate is not None and not bool(gate):
+        return
     use_foreach = _default_foreach(ema) if foreach is None else foreach
     for (_, m_dtype, g_dtype), idx in _group(ema, grads).items():
         ms = [ema[i] for i in idx]
@@ -115,15 +136,27 @@ def ema_update_(
 
 
 def tensor_sq_norms(
-    tensors: Sequence[Tensor], *, foreach: bool | None = None, dtype: torch.dtype | None = None
+    tensors: Sequence[Tensor],
+    *,
+    foreach: bool | None = None,
+    dtype: torch.dtype | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Squared L2 norm of every tensor, as one 1-D tensor of length ``len(tensors)``.
 
     Accumulated in float32 (float64 for float64 inputs, or in ``dtype`` when given) on the
-    device of the first tensor.
+    device of the first tensor; the fused path accumulates in float64.
     """
     if len(tensors) == 0:
         return torch.zeros(0)
+    if fused and _fusable(tensors):
+        from . import _fused
+
+        vals: list[Tensor | None] = [None] * len(tensors)
+        for (_, _, _), idx in _group(tensors).items():
+            for i, v in zip(idx, _fused.sum_squares([tensors[i] for i in idx]).unbind()):
+                vals[i] = v
+        return _stack_scalars(vals, tensors[0].device)
     out: list[Tensor | None] = [None] * len(tensors)
     use_foreach = _default_foreach(tensors) if foreach is None else foreach
     for (_, tdtype, _), idx in _group(tensors).items():
@@ -240,16 +273,17 @@ def sum_sq(
     *,
     all_reduce: Callable[[Tensor], None] | None = None,
     foreach: bool | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """``sum ||t||^2`` over ``tensors`` as a 0-dim tensor (summed across processes with
     ``all_reduce``). Infinite only if an element is not finite, or, off the CPU, if the
     float32 sum overflows: on the CPU an overflowing float32 sum is recomputed in
-    float64."""
+    float64 (the fused path always accumulates in float64)."""
     if len(tensors) == 0:
         return torch.zeros(())
 
     def total(dtype: torch.dtype | None) -> Tensor:
-        t = tensor_sq_norms(tensors, foreach=foreach, dtype=dtype).sum().reshape(1)
+        t = tensor_sq_norms(tensors, foreach=foreach, dtype=dtype, fused=fused).sum().reshape(1)
         if all_reduce is not None:
             all_reduce(t)
         return t[0]
@@ -295,16 +329,36 @@ def project_(
     coefs: Tensor,
     *,
     foreach: bool | None = None,
+    fused: bool = False,
+    skip: Tensor | None = None,
 ) -> None:
     """In place: ``tensors[i] <- tensors[i] - coefs[i] * ema[i]``.
 
     ``coefs`` is a 1-D tensor with one coefficient per tensor. On accelerators the
     coefficients stay on the device (no host synchronisation); on the CPU, where reading
     a scalar costs nothing, tensors whose coefficient is zero are left untouched.
+    ``skip`` (a 0-dim tensor): change nothing if it is true (read on the device by the
+    fused path, on the host by the others).
     """
     if len(tensors) != len(ema) or coefs.shape[0] != len(tensors):
         raise ValueError("project_: tensors, ema and coefs must have the same length")
     if len(tensors) == 0:
+        return
+    if fused and _fusable(tensors, ema):
+        from . import _fused
+
+        for (dev, _, _), idx in _group(tensors, ema).items():
+            sk = skip if skip is not None else torch.zeros((), dtype=torch.bool, device=dev)
+            _fused.project_(
+                [tensors[i] for i in idx],
+                [ema[i] for i in idx],
+                coefs.to(dev)
+                if len(idx) == len(tensors)
+                else torch.stack([coefs[i] for i in idx]).to(dev),
+                sk.to(dev),
+            )
+        return
+    if skip is not None and bool(skip):
         return
     if coefs.device.type == "cpu":
         host = coefs.tolist()
@@ -406,6 +460,29 @@ def _in_range(dot: Tensor, m_sq: Tensor, g_sq: Tensor, n_m: Tensor, n_g: Tensor)
     return finite & m_ok & g_ok
 
 
+def _fused_per_tensor(
+    tensors: Sequence[Tensor], ema: Sequence[Tensor | None]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per tensor ``<g, m>``, ``|m|^2``, ``|g|^2`` by the fused kernels (float64, one pass
+    over each pair)."""
+    from . import _fused
+
+    n = len(tensors)
+    out: list[Tensor | None] = [None] * n
+    paired = [i for i in range(n) if ema[i] is not None]
+    alone = [i for i in range(n) if ema[i] is None]
+    for (_, _, _), idx in _group([tensors[i] for i in paired], [ema[i] for i in paired]).items():  # type: ignore[misc]
+        rows = _fused.stats([tensors[paired[j]] for j in idx], [ema[paired[j]] for j in idx])  # type: ignore[misc]
+        for j, row in zip(idx, rows.unbind()):
+            out[paired[j]] = row
+    for (_, _, _), idx in _group([tensors[i] for i in alone]).items():
+        sq = _fused.sum_squares([tensors[alone[j]] for j in idx])
+        for j, v in zip(idx, sq.unbind()):
+            out[alone[j]] = torch.stack([v.new_zeros(()), v, v.new_zeros(())])
+    rows = torch.stack(out)  # type: ignore[arg-type]
+    return rows[:, 0], rows[:, 2], rows[:, 1]
+
+
 def segment_stats(
     tensors: Sequence[Tensor],
     ema: Sequence[Tensor | None],
@@ -415,6 +492,7 @@ def segment_stats(
     all_reduce: Callable[[Tensor], None] | None = None,
     foreach: bool | None = None,
     numels: Sequence[int] | None = None,
+    fused: bool = False,
 ) -> SegmentStats:
     """The sums every rule needs, per segment (``segments`` as in :func:`segment_sum`).
 
@@ -427,6 +505,15 @@ def segment_stats(
     """
     if len(tensors) != len(ema):
         raise ValueError(f"segment_stats: {len(tensors)} tensors but {len(ema)} buffers")
+    if fused and tensors and _fusable(tensors, ema):
+        # float64 sums over float32 (or narrower) elements: exact, no range check needed
+        dots, m_sq, g_sq = _fused_per_tensor(tensors, ema)
+        if dot_offsets is not None:
+            dots = dots - dot_offsets.to(dots)
+        packed = torch.stack([segment_sum(v, segments) for v in (dots, m_sq, g_sq)])
+        if all_reduce is not None:
+            all_reduce(packed)
+        return SegmentStats(packed[0], packed[1], packed[2], torch.isfinite(packed).all(0))
 
     def sums(dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
         dots, m_sq, g_sq, n_m, n_g = _per_tensor(tensors, ema, dtype, foreach, numels)

@@ -143,35 +143,46 @@ class RetainMemory:
         gamma: dict[int, float],
         *,
         foreach: bool | None = None,
+        fused: bool = False,
+        gate: Tensor | None = None,
     ) -> None:
         """Fold this step's retain gradients (local shards ``grads`` of ``with_grad``)
         into the memory, each parameter with its own ``gamma[id(p)]``; trainable
-        parameters with a memory but no retain gradient this step decay."""
-        for p in with_grad:
-            if p not in self._buffers:
-                self._buffers[p] = self.zeros(p)
-                if self.history:
-                    lp = local(self._buffers[p])
-                    self._hist[p] = [torch.zeros_like(lp) for _ in range(self.history)]
+        parameters with a memory but no retain gradient this step decay.
+
+        With ``gate`` (a 0-dim tensor) the fold happens only if it is true. The fused path
+        decides on the device, unless the structure of the memory changes (a parameter's
+        first retain gradient, a decaying or vanishing memory): then the gate is read on
+        the host, as the other paths always do."""
+        present = {id(p) for p in with_grad}
+        new = [p for p in with_grad if p not in self._buffers]
+        absent = [p for p in trainable if p in self._buffers and id(p) not in present]
+        if gate is not None and (new or absent or not fused):
+            if not bool(gate):
+                return
+            gate = None
+        for p in new:
+            self._buffers[p] = self.zeros(p)
+            if self.history:
+                lp = local(self._buffers[p])
+                self._hist[p] = [torch.zeros_like(lp) for _ in range(self.history)]
         by_gamma: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for p, g in zip(with_grad, grads):
             ms, gs = by_gamma.setdefault(gamma[id(p)], ([], []))
             ms.append(local(self._buffers[p]))
             gs.append(g)
         for gm, (ms, gs) in by_gamma.items():
-            ema_update_(ms, gs, gm, foreach=foreach)
-        present = {id(p) for p in with_grad}
+            ema_update_(ms, gs, gm, foreach=foreach, fused=fused, gate=gate)
         decay: dict[float, list[Tensor]] = {}
-        for p in trainable:
-            if p in self._buffers and id(p) not in present:
-                gm = gamma[id(p)]
-                if gm == 1.0:
-                    # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded
-                    # checkpoint reads an all-zero memory.
-                    del self._buffers[p]
-                    self._hist.pop(p, None)
-                else:
-                    decay.setdefault(gm, []).append(local(self._buffers[p]))
+        for p in absent:
+            gm = gamma[id(p)]
+            if gm == 1.0:
+                # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded checkpoint
+                # reads an all-zero memory.
+                del self._buffers[p]
+                self._hist.pop(p, None)
+            else:
+                decay.setdefault(gm, []).append(local(self._buffers[p]))
         for gm, ms in decay.items():
             torch._foreach_mul_(ms, 1.0 - gm)
         if self.history:

@@ -36,11 +36,23 @@ from ._inner import needs_closure
 from ._memory import EMA_KEY, RetainMemory
 from ._partition import PARTITIONS, Granularity
 from ._pending import Pending, RetainPass, signature
-from ._rules import Cone, CosClip, Projection, Rule
+from ._rules import Cone, CosClip, OneDirection, Projection, Rule
 from ._sides import Closure, _Sides, check_loss
 from ._spaces import SPACES
 
 __all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
+
+_DEVICE_FOUND_INF = ("Adam", "AdamW", "SGD", "Adagrad")
+
+
+def _takes_device_found_inf(optimizer: Optimizer) -> bool:
+    """torch's fused optimizers skip a step on the device when ``found_inf`` is set on
+    them (as ``GradScaler`` does)."""
+    return (
+        type(optimizer).__name__ in _DEVICE_FOUND_INF
+        and type(optimizer).__module__.startswith("torch.optim")
+        and all(bool(g.get("fused")) for g in optimizer.param_groups)
+    )
 
 
 class GRUOptimizer(_Sides, Optimizer):
@@ -91,6 +103,13 @@ class GRUOptimizer(_Sides, Optimizer):
             non-finite values through as the inner optimizer would.
         foreach: use the multi-tensor (``torch._foreach_*``) kernels; ``None`` picks them
             whenever the tensors allow.
+        fused: the fused Triton kernels (one launch per pass over all tensors of a dtype
+            group, sums in float64, skip decisions on the device: no host
+            synchronisation in a step with a fused torch inner optimizer, at most one
+            otherwise). ``None``: on CUDA when Triton is importable and the rule has a
+            fused path (the projection and cos clip in gradient space); ``True`` on CPU
+            tensors runs the kernels under Triton's interpreter and needs
+            ``TRITON_INTERPRET=1``; ``False``: the foreach path.
         grad_scaler: the ``torch.amp.GradScaler`` (or FSDP's ``ShardedGradScaler``) whose
             ``scaler.scale(loss).backward()`` produced the gradients (fp16 training).
             GRU then unscales the retain gradient before it enters the memory and the
@@ -135,6 +154,7 @@ class GRUOptimizer(_Sides, Optimizer):
         ema_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = True,
         foreach: bool | None = None,
+        fused: bool | None = None,
         grad_scaler: Any = None,
     ) -> None:
         if isinstance(optimizer, GRUOptimizer):
@@ -191,6 +211,8 @@ class GRUOptimizer(_Sides, Optimizer):
         self.max_grad_norm: float | None = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.foreach = foreach
+        self._fused = self._resolve_fused(fused, optimizer)
+        self._device_skip = self._fused and _takes_device_found_inf(optimizer)
         self._hdefaults: dict[str, Any] = {
             GAMMA_KEY: gamma,
             RETAIN_WEIGHT_KEY: retain_weight,
@@ -213,6 +235,30 @@ class GRUOptimizer(_Sides, Optimizer):
             super().__init__(optimizer.param_groups, optimizer.defaults)
         finally:
             self._initializing = False
+
+    def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> bool:
+        """Whether the fused kernels run (raises for ``fused=True`` where they cannot)."""
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {fused!r}")
+        if fused is False:
+            return False
+        from ._fused import fused_reason
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        devices = {p.device for p in params}
+        supported = isinstance(self._rule, OneDirection) and self.space == "gradient"
+        reason = None if len(devices) == 1 else "the parameters are on several devices"
+        reason = reason or fused_reason(next(iter(devices)))
+        if fused is None:
+            return reason is None and supported and next(iter(devices)).type == "cuda"
+        if not supported:
+            raise ValueError(
+                "fused=True runs the projection and cos clip in gradient space; GRU-k "
+                "(directions > 1), space='update' and custom rules use the foreach path"
+            )
+        if reason is not None:
+            raise ValueError(f"fused=True: {reason}")
+        return True
 
     # ------------------------------------------------------------------ delegation
     @property

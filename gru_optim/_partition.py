@@ -86,6 +86,7 @@ class Layout:
         vectors: Sequence[Tensor],
         offsets: Tensor | None = None,
         foreach: bool | None = None,
+        fused: bool = False,
     ) -> Any:
         """``rule.solve`` over this layout."""
         return rule.solve(
@@ -98,6 +99,7 @@ class Layout:
             foreach=foreach,
             numels=self.numels,
             history=self.history,
+            fused=fused,
         )
 
     def apply_(
@@ -108,6 +110,8 @@ class Layout:
         *,
         sign: float = 1.0,
         foreach: bool | None = None,
+        fused: bool = False,
+        skip: Tensor | None = None,
     ) -> None:
         """``rule.apply_`` over this layout."""
         rule.apply_(
@@ -118,4 +122,6 @@ class Layout:
             sign=sign,
             foreach=foreach,
             history=self.history,
+            fused=fused,
+            skip=skip,
         )

@@ -84,6 +84,7 @@ class Rule:
         foreach: bool | None = None,
         numels: Sequence[int] | None = None,
         history: Sequence[Sequence[Tensor] | None] | None = None,
+        fused: bool = False,
     ) -> Solution:
         """Compute the rectification (change nothing): see the module's docstring."""
         raise NotImplementedError
@@ -116,6 +117,8 @@ class Rule:
         sign: float = 1.0,
         foreach: bool | None = None,
         history: Sequence[Sequence[Tensor] | None] | None = None,
+        fused: bool = False,
+        skip: Tensor | None = None,
     ) -> None:
         """``targets[i] -= sign * coef[segment of i] * directions[i]`` (members without a
         direction are left alone)."""
@@ -132,6 +135,8 @@ class Rule:
             [directions[i] for i in have],  # type: ignore[misc]
             per,
             foreach=foreach,
+            fused=fused,
+            skip=skip,
         )
 
 
@@ -153,6 +158,7 @@ class OneDirection(Rule):
         foreach: bool | None = None,
         numels: Sequence[int] | None = None,
         history: Sequence[Sequence[Tensor] | None] | None = None,
+        fused: bool = False,
     ) -> Solution:
         stats = segment_stats(
             vectors,
@@ -162,6 +168,7 @@ class OneDirection(Rule):
             all_reduce=reducer.fn,
             foreach=foreach,
             numels=numels,
+            fused=fused,
         )
         coef = self.coefficients(stats, hyper)
         # The coefficient multiplies the memory in the vectors' arithmetic (float32 unless
@@ -292,6 +299,7 @@ class Cone(Rule):
         foreach: bool | None = None,
         numels: Sequence[int] | None = None,
         history: Sequence[Sequence[Tensor] | None] | None = None,
+        fused: bool = False,
     ) -> Solution:
         cols = self._columns(len(vectors), directions, history)
         gram, dots, g_sq, in_range = segment_gram(
@@ -322,8 +330,13 @@ class Cone(Rule):
         sign: float = 1.0,
         foreach: bool | None = None,
         history: Sequence[Sequence[Tensor] | None] | None = None,
+        fused: bool = False,
+        skip: Tensor | None = None,
     ) -> None:
-        """``targets[i] += sign * sum_j lambda_j d_j`` per segment."""
+        """``targets[i] += sign * sum_j lambda_j d_j`` per segment (``skip``: read on the
+        host; the cone has no fused path)."""
+        if skip is not None and bool(skip):
+            return
         assert solution.multipliers is not None
         cols = self._columns(len(targets), directions, history)
         for j, col in enumerate(cols):

@@ -68,6 +68,8 @@ class _Sides:
     _closure_driven: bool
     _update_buffers: dict[Any, Tensor]
     _in_forget_closure: bool
+    _fused: bool
+    _device_skip: bool
     granularity: str
     space: str
     max_grad_norm: float | None
@@ -205,7 +207,9 @@ class _Sides:
             reason = torch.zeros((), dtype=torch.long, device=device)
             if self._checking():
                 reducer = Reducer.for_params(with_grad)
-                total = sum_sq(grads, all_reduce=reducer.fn, foreach=self.foreach)
+                total = sum_sq(
+                    grads, all_reduce=reducer.fn, foreach=self.foreach, fused=self._fused
+                )
                 risk = self._memory.overflow_risk(with_grad, grads)
                 if risk is not None:  # float16 memory only
                     risk = risk.to(total).reshape(1)
@@ -220,9 +224,18 @@ class _Sides:
                 )
             else:
                 total = tensor_sq_norms(grads, foreach=self.foreach).sum()
-            if not self._skip(reason):  # the retain side's one host read
+            host_skip, device_skip = self._gate(reason)  # the retain side's one host read
+            if not host_skip:
                 gamma = {id(p): hypers[gi[id(p)]].gamma for p in params}
-                self._memory.fold_(with_grad, grads, params, gamma, foreach=self.foreach)
+                self._memory.fold_(
+                    with_grad,
+                    grads,
+                    params,
+                    gamma,
+                    foreach=self.foreach,
+                    fused=self._fused,
+                    gate=None if device_skip is None else ~device_skip,
+                )
             pending = Pending(
                 loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
                 grad_norm=total.sqrt(),
@@ -434,8 +447,44 @@ class _Sides:
         """Whether to skip: the host read of a step (only when GRU checks)."""
         return self._checking() and bool(reason != 0)
 
-    def _clip_(self, params: list[Tensor], reducer: Reducer) -> tuple[Tensor | None, Tensor | None]:
-        """Clip the final gradient to ``max_grad_norm`` (one norm over all processes)."""
+    def _gate(self, reason: Tensor) -> tuple[bool, Tensor | None]:
+        """How a skip is decided: on the host (``(skip, None)``, one read when GRU checks)
+        or, on the fused path, on the device (``(False, skip flag)``: the kernels, the clip
+        and a fused inner optimizer read the flag themselves)."""
+        if not self._checking():
+            return False, None
+        if self._fused:
+            return False, reason != 0
+        return bool(reason != 0), None
+
+    def _step_inner(self, skip: Tensor | None = None) -> None:
+        """The inner optimizer's step, unless ``skip`` (a device flag) is true: torch's
+        fused optimizers take the flag on the device (as GradScaler hands them
+        ``found_inf``); others need one host read."""
+        if skip is None:
+            step_inner(self._inner)
+            return
+        if not self._device_skip:
+            if not bool(skip):
+                step_inner(self._inner)
+            return
+        inner = self._inner
+        had = "found_inf" in inner.__dict__
+        saved = inner.__dict__.get("found_inf")
+        inner.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            step_inner(inner)
+        finally:
+            if had:
+                inner.found_inf = saved  # type: ignore[attr-defined]
+            else:
+                del inner.found_inf  # type: ignore[attr-defined]
+
+    def _clip_(
+        self, params: list[Tensor], reducer: Reducer, skip: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Clip the final gradient to ``max_grad_norm`` (one norm over all processes); with
+        a true device ``skip`` flag the factor is 1 (a skipped step changes nothing)."""
         if self.max_grad_norm is None:
             return None, None
         grads = [local(p.grad) for p in params if p.grad is not None]
@@ -443,6 +492,8 @@ class _Sides:
             return None, None
         norm = total_norm(grads, all_reduce=reducer.fn, foreach=self.foreach)
         coef = clip_coefficient(norm, self.max_grad_norm)
+        if skip is not None:
+            coef = torch.where(skip.to(coef.device), torch.ones_like(coef), coef)
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)

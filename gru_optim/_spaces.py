@@ -64,13 +64,14 @@ class GradientSpace:
         before: Tensor,
         params: list[Tensor],
     ) -> Result:
-        sol = layout.solve(opt._rule, vectors, offsets, foreach=opt.foreach)
+        sol = layout.solve(opt._rule, vectors, offsets, foreach=opt.foreach, fused=opt._fused)
         reason = _forget_reason(sol, before)
         grad_norm = clip = None
-        if not opt._skip(reason):
-            layout.apply_(opt._rule, vectors, sol, foreach=opt.foreach)
-            grad_norm, clip = opt._clip_(params, layout.reducer)
-            step_inner(opt._inner)
+        host_skip, skip = opt._gate(reason)
+        if not host_skip:
+            layout.apply_(opt._rule, vectors, sol, foreach=opt.foreach, fused=opt._fused, skip=skip)
+            grad_norm, clip = opt._clip_(params, layout.reducer, skip)
+            opt._step_inner(skip)
         return sol, reason, grad_norm, clip
 
 

@@ -12,6 +12,7 @@ The network has, on purpose, one parameter of every kind GRU must handle:
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
 from torch import Tensor, nn
+
+# The fused Triton kernels run on CPU tensors under Triton's interpreter, which must be
+# switched on before anything imports Triton (tests/test_fused.py; importing torch does
+# not import Triton).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile(
     "gru",

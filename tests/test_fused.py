@@ -1,0 +1,218 @@
+"""The fused Triton kernels, run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py): the same kernels a GPU runs, compared with
+the foreach path on random shapes, dtypes, segment layouts, and the optimizer end to end."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_params_close, closures, make_inner, make_net, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gru_optim import GRUOptimizer, SkipReason
+from gru_optim import _fused as FU
+from gru_optim.functional import ema_update_, project_, segment_stats, tensor_sq_norms
+
+
+def test_the_interpreter_is_available() -> None:
+    # make test installs the triton extra and conftest.py sets TRITON_INTERPRET=1: the
+    # tests below run the real kernels (they are never skipped).
+    assert FU.fused_reason(torch.device("cpu")) is None
+
+
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float64, torch.float64),
+]
+
+
+def tol(gd: torch.dtype) -> dict:
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-6),
+    }.get(gd, dict(rtol=2e-2, atol=2e-2))
+
+
+@st.composite
+def lists(draw):
+    gd, md = draw(st.sampled_from(DTYPES))
+    n = draw(st.integers(1, 5))
+    shapes = [tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3))) for _ in range(n)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    g = [torch.randn(s, generator=gen).to(gd) for s in shapes]
+    m = [torch.randn(s, generator=gen).to(md) for s in shapes]
+    missing = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    mem = [None if miss and i > 0 else x for i, (x, miss) in enumerate(zip(m, missing))]
+    kind = draw(st.sampled_from(["global", "tensor", "cut"]))
+    segments = (
+        None
+        if kind == "global"
+        else [1] * n
+        if kind == "tensor"
+        else ([1, n - 1] if n > 1 else None)
+    )
+    return g, m, mem, segments, gd
+
+
+@settings(max_examples=25, deadline=None)
+@given(lists())
+def test_stats_match_the_foreach_path(problem) -> None:
+    g, _, mem, segments, gd = problem
+    a = segment_stats(g, mem, segments, fused=True)
+    b = segment_stats(g, mem, segments, fused=False)
+    assert a.dot.dtype == torch.float64  # the fused sums are float64
+    for x, y in zip(a[:3], b[:3]):
+        torch.testing.assert_close(x, y.to(x.dtype), rtol=1e-4, atol=1e-4)
+    assert bool(a.in_range.all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(lists(), st.floats(0.05, 1.0))
+def test_fold_and_projection_match_the_foreach_path(problem, gamma) -> None:
+    g, m, _, _, gd = problem
+    ma, mb = [x.clone() for x in m], [x.clone() for x in m]
+    ema_update_(ma, g, gamma, fused=True)
+    ema_update_(mb, g, gamma, fused=False)
+    for x, y in zip(ma, mb):
+        torch.testing.assert_close(x, y, **tol(x.dtype))
+    coefs = torch.linspace(-1.5, 0.0, len(g), dtype=torch.float64)
+    ga, gb = [x.clone() for x in g], [x.clone() for x in g]
+    project_(ga, m, coefs, fused=True)
+    project_(gb, m, coefs, fused=False)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **tol(gd))
+    assert tensor_sq_norms(g, fused=True).dtype == torch.float64
+
+
+def test_device_gates_change_nothing() -> None:
+    g = [torch.randn(100), torch.randn(7, 3)]
+    m = [torch.randn(100), torch.randn(7, 3)]
+    before = [x.clone() for x in m]
+    ema_update_(m, g, 0.8, fused=True, gate=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(m, before))
+    g_before = [x.clone() for x in g]
+    project_(g, m, torch.tensor([0.5, 0.5]), fused=True, skip=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(g, g_before))
+
+
+def test_one_launch_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None:
+    kernels = FU._kernels()
+    calls: list[str] = []
+
+    class Count:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("stats", "sumsq", "fold", "project", "reduce"):
+        monkeypatch.setitem(kernels, name, Count(name, kernels[name]))
+    for n in (3, 30):
+        calls.clear()
+        g = [torch.randn(50 + i) for i in range(n)]
+        m = [torch.randn(50 + i) for i in range(n)]
+        segment_stats(g, m, None, fused=True)
+        ema_update_(m, g, 0.8, fused=True)
+        project_(g, m, torch.zeros(n), fused=True)
+        assert calls == ["stats", "reduce", "fold", "project"], calls
+
+
+# ----------------------------------------------------------------- the optimizer
+@pytest.mark.parametrize("inner", ["adamw_fused", "sgd_momentum"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"granularity": "tensor"},
+        {"retain_weight": 0.5},
+        {"cos_clip": -0.5},
+        {"max_grad_norm": 0.05},
+        {"ema_dtype": torch.bfloat16},
+    ],
+    ids=["global", "tensor", "retain_weight", "cos_clip", "clip", "bf16"],
+)
+def test_fused_optimizer_matches_the_foreach_path(inner, kw) -> None:
+    a = make_net(torch.float32)
+    b = copy.deepcopy(a)
+    oa = GRUOptimizer(make_inner(inner, a), fused=True, **kw)
+    ob = GRUOptimizer(make_inner(inner, b), fused=False, **kw)
+    assert oa._fused and not ob._fused
+    # A bfloat16 memory rounds differently (one rounding of the fused lerp against two of
+    # the foreach path's multiply-add): its 2**-8 precision sets the tolerance.
+    rtol, atol = (2e-2, 2e-3) if kw.get("ema_dtype") == torch.bfloat16 else (1e-4, 1e-6)
+    for t in range(4):
+        oa.step(*closures(a, t))
+        ob.step(*closures(b, t))
+        for key in ("dot", "coef", "ema_norm", "forget_grad_norm"):
+            torch.testing.assert_close(
+                oa.last_stats[key].double(), ob.last_stats[key].double(), rtol=rtol, atol=atol
+            )
+    assert_params_close(a, b, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("inner", ["adamw_fused", "sgd_momentum"])
+@pytest.mark.parametrize("where", ["retain", "forget"])
+def test_fused_path_skips_on_the_device(inner, where) -> None:
+    model = make_net(torch.float32)
+    opt = GRUOptimizer(make_inner(inner, model), fused=True)
+    for t in range(2):
+        opt.step(*closures(model, t))
+    assert opt._device_skip == (inner == "adamw_fused")
+    before = snapshot(model, opt)
+    f, r = closures(model, 2)
+
+    def poison(fn):
+        def run():
+            loss = fn()
+            model.body[0].weight.grad[0, 0] = float("inf")
+            return loss
+
+        return run
+
+    opt.step(poison(f) if where == "forget" else f, poison(r) if where == "retain" else r)
+    want = SkipReason.FORGET_NONFINITE if where == "forget" else SkipReason.RETAIN_NONFINITE
+    assert int(opt.last_stats["skip_reason"]) == want
+    after = snapshot(model, opt)
+    for x, y in zip(before["params"], after["params"]):
+        assert torch.equal(x, y)
+    from conftest import equal_nested
+
+    assert equal_nested(before["inner"], after["inner"])  # the fused AdamW skipped itself
+    if where == "retain":
+        assert equal_nested(before["ema"], after["ema"])
+
+
+def test_fused_true_is_refused_where_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="fused=True runs the projection"):
+        GRUOptimizer(make_inner("adam", make_net(torch.float32)), fused=True, directions=2)
+    with pytest.raises(ValueError, match="fused=True runs the projection"):
+        GRUOptimizer(make_inner("adam", make_net(torch.float32)), fused=True, space="update")
+    # Without the interpreter, on CPU tensors: a clear error from gru_optim, nothing built.
+    code = (
+        "import torch\nfrom gru_optim import GRUOptimizer\n"
+        "p = torch.nn.Parameter(torch.zeros(3))\n"
+        "try:\n    GRUOptimizer(torch.optim.SGD([p], lr=0.1), fused=True)\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert "TRITON_INTERPRET=1" in out
+
+
+def test_fused_none_picks_the_foreach_path_on_the_cpu() -> None:
+    opt = GRUOptimizer(make_inner("adam", make_net(torch.float32)))
+    assert opt._fused is False
