@@ -25,8 +25,13 @@ Methods:
 - ``adamw_fused``: the same with ``fused=True`` (for information).
 - ``reference``: :class:`baselines.ReferenceStyleGRU` (the authors' approach).
 - ``pcgrad``: :class:`baselines.PCGradStyle` (flatten and project).
-- ``copy``: ``torch._foreach_copy_`` of all gradients, to measure the copy bandwidth
-  of the machine in the same run (bytes moved = 2 x gradient bytes).
+- ``gru_k2``, ``gru_k4``, ``gru_k8``: the wrapper with ``directions=k`` (GRU-k: the memory
+  and the ``k - 1`` most recent retain gradients; ``k (k + 1) / 2`` Gram entries and ``k``
+  dot products per step).
+- ``copy``: ``torch._foreach_copy_`` of all gradients (bytes moved = 2 x gradient bytes).
+- ``triad``: a STREAM triad ``a = b + s c`` on preallocated flat buffers of the same size
+  (3 x 4 B per element): the machine's bandwidth, measured in the same run, from which the
+  byte bounds are computed.
 
 Run: ``python benchmarks/bench_step.py [--quick] [--size 30M] [--repeats N]``.
 """
@@ -47,16 +52,18 @@ from gru_optim.functional import ema_update_, rectify_
 
 GAMMA = 0.8
 
-# Bytes GRU has to move per parameter element per conflicting step, fp32 gradients and
-# memory, with every pass fused as far as the mathematics allows:
-#   EMA update   read g_r, read m, write m      3 x 4 B
-#   dot + norm   read g_u, read m               2 x 4 B   (<g_u,m> and ||m||^2 in one pass)
+# Bytes GRU moves per parameter element per conflicting step, fp32 gradients and memory,
+# with the fused kernels (gru_optim/_fused.py):
+#   retain norm  read g_r                       1 x 4 B   (to skip a bad fold on the device)
+#   fold         read g_r, read m, write m      3 x 4 B
+#   forget stats read g_u, read m               2 x 4 B   (<g,m>, ||g||^2, ||m||^2, one pass)
 #   projection   read g_u, read m, write g_u    3 x 4 B
-GRU_MIN_BYTES_PER_ELEM = 32
-# What the current implementation moves (fp32): EMA 12, retain norm 4, zero 4 (wrapper),
-# forget norm 4 (wrapper), dots 8, ||m||^2 4, projection 12.
-GRU_WRAPPER_BYTES_PER_ELEM = 48
-GRU_CORE_BYTES_PER_ELEM = 36
+GRU_MIN_BYTES_PER_ELEM = 36
+# What the foreach path (the CPU's) moves: retain norm 4, fold 12, forget norm 4, dots 8,
+# ||m||^2 4, projection 12; the functional core (ema_update_ + rectify_) skips the retain
+# norm.
+GRU_WRAPPER_BYTES_PER_ELEM = 44
+GRU_CORE_BYTES_PER_ELEM = 40
 # foreach AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
 # exp_avg_sq at least once: 7 x 4 B.
 ADAMW_MIN_BYTES_PER_ELEM = 28
@@ -69,6 +76,10 @@ METHOD_LABELS = {
     "reference": "reference-style GRU",
     "pcgrad": "PCGrad-style GRU",
     "copy": "copy of all grads",
+    "triad": "STREAM triad (bandwidth)",
+    "gru_k2": "GRU-k wrapper, k = 2",
+    "gru_k4": "GRU-k wrapper, k = 4",
+    "gru_k8": "GRU-k wrapper, k = 8",
 }
 
 
@@ -101,8 +112,9 @@ class _Method:
 class _GRUWrapper(_Method):
     name = "gru"
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA)
+    def __init__(self, params: list[torch.Tensor], directions: int = 1) -> None:
+        self.name = "gru" if directions == 1 else f"gru_k{directions}"
+        self.opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA, directions=directions)
         self._ctx: Any = None
 
     def pre_retain(self) -> None:
@@ -175,10 +187,26 @@ class _Copy(_Method):
         torch._foreach_copy_(self.grads, self.src)
 
 
-def available_methods(numel: int, include_baselines: bool) -> list[str]:
-    names = ["gru", "gru_core", "adamw", "adamw_fused", "copy"]
+class _Triad(_Method):
+    """STREAM triad on preallocated flat buffers: a = b + s c (3 x 4 B per element)."""
+
+    name = "triad"
+
+    def __init__(self, numel: int) -> None:
+        self.a = torch.empty(numel)
+        self.b = torch.randn(numel)
+        self.c = torch.randn(numel)
+
+    def post_forget(self) -> None:
+        torch.add(self.b, self.c, alpha=0.5, out=self.a)
+
+
+def available_methods(numel: int, include_baselines: bool, gru_k: bool = True) -> list[str]:
+    names = ["gru", "gru_core", "adamw", "adamw_fused", "copy", "triad"]
+    if gru_k:
+        names[1:1] = ["gru_k2", "gru_k4", "gru_k8"]
     if include_baselines:
-        names[3:3] = ["reference", "pcgrad"]
+        names[names.index("adamw_fused") : names.index("adamw_fused")] = ["reference", "pcgrad"]
     return names
 
 
@@ -208,6 +236,10 @@ def measure(
     for m in methods:
         if m == "gru":
             impls[m] = _GRUWrapper(params)
+        elif m.startswith("gru_k"):
+            impls[m] = _GRUWrapper(params, directions=int(m[len("gru_k") :]))
+        elif m == "triad":
+            impls[m] = _Triad(numel)
         elif m == "gru_core":
             impls[m] = _GRUCore(params)
         elif m == "adamw":
@@ -280,12 +312,26 @@ def measure(
         if "reference" in med:
             ratios["reference_over_gru_core"] = med["reference"] / med["gru_core"]
     res["ratios"] = ratios
-    if "copy" in med:
-        bw = 2 * elem * numel / med["copy"]
+    if "gru" in med:
+        for k in (2, 4, 8):
+            if f"gru_k{k}" in med:
+                ratios[f"gru_k{k}_over_gru"] = med[f"gru_k{k}"] / med["gru"]
+                ratios[f"gru_k{k}_over_adamw"] = med[f"gru_k{k}"] / med["adamw"]
+    if "triad" in med:
+        bw = 3 * elem * numel / med["triad"]
         t_bound = GRU_MIN_BYTES_PER_ELEM * numel / bw
         res["bandwidth"] = {
-            "copy_bandwidth_GBps": bw / 1e9,
-            "copy_bytes": 2 * elem * numel,
+            "triad_bandwidth_GBps": bw / 1e9,
+            "copy_bandwidth_GBps": 2 * elem * numel / med["copy"] / 1e9 if "copy" in med else None,
+            "adamw_fused_bandwidth_GBps": (
+                ADAMW_MIN_BYTES_PER_ELEM * numel / med["adamw_fused"] / 1e9
+                if "adamw_fused" in med
+                else None
+            ),
+            "gru_wrapper_bandwidth_GBps": GRU_WRAPPER_BYTES_PER_ELEM * numel / med["gru"] / 1e9
+            if "gru" in med
+            else None,
+            "gru_wrapper_bound_s": GRU_WRAPPER_BYTES_PER_ELEM * numel / bw,
             "gru_min_bytes_per_param": GRU_MIN_BYTES_PER_ELEM,
             "gru_min_bytes": GRU_MIN_BYTES_PER_ELEM * numel,
             "gru_bound_s": t_bound,
@@ -343,9 +389,12 @@ def print_step_table(res: dict[str, Any]) -> None:
     if "bandwidth" in res:
         b = res["bandwidth"]
         print(
-            f"copy bandwidth {b['copy_bandwidth_GBps']:.2f} GB/s; GRU must move "
+            f"triad bandwidth {b['triad_bandwidth_GBps']:.2f} GB/s (fused AdamW reaches "
+            f"{b['adamw_fused_bandwidth_GBps'] or float('nan'):.2f}); GRU's fused kernels move "
             f"{b['gru_min_bytes_per_param']} B/param -> bound {b['gru_bound_s'] * 1e3:.1f} ms; "
-            f"GRU wrapper at {b.get('gru_over_bound', float('nan')):.2f}x the bound"
+            f"the foreach path moves {b['gru_wrapper_bytes_per_param_actual']} B/param -> "
+            f"{b['gru_wrapper_bound_s'] * 1e3:.1f} ms; GRU wrapper at "
+            f"{b.get('gru_over_bound', float('nan')):.2f}x the fused bound"
         )
     print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
 
@@ -364,12 +413,16 @@ def markdown(res: dict[str, Any]) -> str:
     if b:
         lines += [
             "",
-            f"Copy bandwidth measured in the same run: {b['copy_bandwidth_GBps']:.2f} GB/s. "
-            f"GRU must move at least {b['gru_min_bytes_per_param']} bytes per fp32 "
-            f"parameter per conflicting step ({b['gru_min_bytes'] / 1e6:.0f} MB here), a "
-            f"bound of {b['gru_bound_s'] * 1e3:.1f} ms; the wrapper takes "
-            f"{b.get('gru_over_bound', float('nan')):.2f}x that bound, the functional core "
-            f"{b.get('gru_core_over_bound', float('nan')):.2f}x.",
+            f"Bandwidth measured in the same run: STREAM triad on preallocated buffers "
+            f"{b['triad_bandwidth_GBps']:.2f} GB/s; fused AdamW's own effective bandwidth "
+            f"{b['adamw_fused_bandwidth_GBps'] or float('nan'):.2f} GB/s "
+            f"({ADAMW_MIN_BYTES_PER_ELEM} B/param); the GRU wrapper's "
+            f"{b['gru_wrapper_bandwidth_GBps'] or float('nan'):.2f} GB/s "
+            f"({b['gru_wrapper_bytes_per_param_actual']} B/param, the foreach path). The "
+            f"fused kernels move {b['gru_min_bytes_per_param']} B per fp32 parameter "
+            f"({b['gru_min_bytes'] / 1e6:.0f} MB here): a bound of "
+            f"{b['gru_bound_s'] * 1e3:.1f} ms at the triad's bandwidth; the wrapper (foreach) "
+            f"takes {b.get('gru_over_bound', float('nan')):.2f}x that bound.",
         ]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6: correctness of the CUDA path, no host sync inside step,
-# CUDA-event timings at ~100M and ~1B parameters, peak memory. Writes
-# docs/results/gpu_check.{json,md}. Prepared to finish within 8 minutes on an H200.
+# The GPU check: correctness of the CUDA path (the fused Triton kernels), host syncs per
+# step counted, CUDA-event timings at ~100M and ~1B parameters against the byte bound and
+# fused AdamW, peak memory. Writes docs/results/gpu_check.{json,md}. Prepared to finish
+# within 8 minutes on an H200 (needs torch with CUDA and triton there).
 #
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --device cpu --quick --out /tmp/gpu_check   # anywhere
@@ -27,4 +28,4 @@ fi
 "$pick" -c "import numpy" 2>/dev/null || { echo "gpu_check.sh: $pick lacks numpy" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-exec timeout 470 "$pick" benchmarks/gpu_check.py "$@"
+exec timeout 470 env TRITON_INTERPRET= "$pick" benchmarks/gpu_check.py "$@"

@@ -58,10 +58,18 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
     assert data["ratios"]["gru_over_reference"] == pytest.approx(
         1 / data["ratios"]["reference_over_gru"]
     )
-    assert data["conflict_every_step"] == {"gru": True, "gru_core": True, "reference": True}
+    assert data["conflict_every_step"] == {
+        "gru": True,
+        "gru_k2": True,
+        "gru_k4": True,
+        "gru_k8": True,
+        "gru_core": True,
+        "reference": True,
+    }
     b = data["bandwidth"]
-    assert b["gru_min_bytes"] == 32 * C.TINY.numel
-    assert _finite_positive(b["copy_bandwidth_GBps"]) and _finite_positive(b["gru_over_bound"])
+    assert b["gru_min_bytes"] == 36 * C.TINY.numel  # the fused kernels' traffic, fp32
+    assert _finite_positive(b["triad_bandwidth_GBps"]) and _finite_positive(b["gru_over_bound"])
+    assert _finite_positive(b["adamw_fused_bandwidth_GBps"])
     md = (tmp_path / "bench_step.md").read_text()
     assert "| GRU wrapper (own work) |" in md and "reference-style GRU" in md
     assert payload["env"]["torch_threads"] >= 1
@@ -163,5 +171,5 @@ def test_gpu_check_cpu_parts():
     assert t["conflict"] and _finite_positive(t["gru_over_bound"])
     assert t["persistent_ema_per_param_byte"] == 1.0
     sync = gpu_check.check_no_sync(torch.device("cpu"))
-    assert set(sync) == {"noop", "adamw_foreach", "adamw_fused"}
+    assert set(sync) == {case[0] for case in gpu_check.SYNC_CASES}
     assert not any(v.startswith("FAILED") for v in sync.values()), sync
