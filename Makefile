@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 TORCH  := torch==2.13.0
-EXTRAS := test,bench,hf,study,triton
+EXTRAS := test,bench,hf,study,triton,lightning
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench clean lint
@@ -32,6 +32,7 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	$(BIN)/python docs/check_render.py site
 
 docs-serve: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
