@@ -210,39 +210,29 @@ def device_floats(values: Sequence[float], device: torch.device) -> Tensor:
     return t
 
 
-def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
-    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+def _elementwise(name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *args: Tensor) -> None:
+    """Launch the pairwise elementwise kernel ``name`` over (gradient, memory) pairs."""
     k = _kernels()
     plan = _plan([grads, ema])
-    k["fold"][(plan.n_blocks,)](
+    k[name][(plan.n_blocks,)](
         plan.ptrs[0],
         plan.ptrs[1],
         plan.sizes,
         plan.tids,
         plan.starts,
-        gammas,
-        gate.to(torch.int32),
+        *args,
         G=k["dtype"][grads[0].dtype],
         M=k["dtype"][ema[0].dtype],
         C=_compute(k, grads, ema),
         BLOCK=plan.block,
     )
+
+
+def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
+    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+    _elementwise("fold", grads, ema, gammas, gate.to(torch.int32))
 
 
 def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:
     """``g_i <- g_i - coefs_i m_i`` unless the 0-dim ``skip`` is true."""
-    k = _kernels()
-    plan = _plan([grads, ema])
-    k["project"][(plan.n_blocks,)](
-        plan.ptrs[0],
-        plan.ptrs[1],
-        plan.sizes,
-        plan.tids,
-        plan.starts,
-        coefs,
-        skip.to(torch.int32),
-        G=k["dtype"][grads[0].dtype],
-        M=k["dtype"][ema[0].dtype],
-        C=_compute(k, grads, ema),
-        BLOCK=plan.block,
-    )
+    _elementwise("project", grads, ema, coefs, skip.to(torch.int32))
