@@ -224,7 +224,7 @@ class GRUOptimizer(_Sides, Optimizer):
         self._warned_dropped = False
         self._in_forget_closure = False
         self._in_retain_pass = False
-        self.last_stats: dict[str, Tensor] = {}
+        self._last_stats: dict[str, Tensor] = {}
         fill_groups(optimizer.param_groups, self._hdefaults)
         self._check_combinations(self._read_hyper())
         # Optimizer.__init__ installs the hook dictionaries and patches step for hooks and
@@ -259,6 +259,25 @@ class GRUOptimizer(_Sides, Optimizer):
         if reason is not None:
             raise ValueError(f"fused=True: {reason}")
         return True
+
+    def _real(self) -> GRUOptimizer:
+        """This optimizer, also when a method is called through a wrapper that copied its
+        ``__dict__`` (PyTorch Lightning's ``LightningOptimizer`` subclasses it on the fly
+        and keeps the original as ``_optimizer``): state written through the wrapper would
+        stay on the wrapper, so every stateful method works on the original."""
+        inner = self.__dict__.get("_optimizer")
+        return inner if isinstance(inner, GRUOptimizer) and inner is not self else self
+
+    @property
+    def last_stats(self) -> dict[str, Tensor]:
+        """What the last step did, as 0-dim tensors on the device (see the quickstart's
+        table; ``gru_optim._stats`` documents every key)."""
+        stats: dict[str, Tensor] = self._real().__dict__["_last_stats"]
+        return stats
+
+    @last_stats.setter
+    def last_stats(self, value: dict[str, Tensor]) -> None:
+        self._real().__dict__["_last_stats"] = value
 
     # ------------------------------------------------------------------ delegation
     @property
@@ -357,6 +376,10 @@ class GRUOptimizer(_Sides, Optimizer):
         the gradients alone: they hold only what the retain side left (nothing, or
         ``retain_weight`` times the retain gradient), which the step still needs.
         """
+        real = self._real()
+        if real is not self:
+            real.zero_grad(set_to_none)
+            return
         pending = self._pending
         if pending is not None:
             if self._in_forget_closure and signature(self._trainable()) == pending.signature:
@@ -413,6 +436,11 @@ class GRUOptimizer(_Sides, Optimizer):
                 loss.backward()
                 rp.record(loss)
         """
+        real = self._real()
+        if real is not self:
+            with real.retain_pass(loss) as handle:
+                yield handle
+            return
         if self._closure_driven:
             raise RuntimeError(
                 f"{type(self._inner).__name__} needs closures: use "
@@ -455,6 +483,11 @@ class GRUOptimizer(_Sides, Optimizer):
         adds on top (``retain_weight`` is the special case of ``retain_weight`` times the
         retain gradient). An exception inside discards the retain pass.
         """
+        real = self._real()
+        if real is not self:
+            with real.post_pass():
+                yield
+            return
         try:
             with self._post_side() as record:
                 yield
@@ -500,6 +533,9 @@ class GRUOptimizer(_Sides, Optimizer):
         same weights once more (one more step of the moving average). Undoing the fold
         would need a second parameter-sized buffer.
         """
+        real = self._real()
+        if real is not self:
+            return real.step(closure, retain_closure, post_closure)
         for name, fn in (
             ("closure", closure),
             ("retain_closure", retain_closure),
@@ -560,6 +596,9 @@ class GRUOptimizer(_Sides, Optimizer):
         ahead of the weights, and what the step still needs sits in ``.grad``, which no
         checkpoint holds. Save after ``step()``.
         """
+        real = self._real()
+        if real is not self:
+            return real.state_dict()
         if self._pending is not None:
             raise RuntimeError(
                 "state_dict() between retain_pass() and step(): the memory is one fold ahead "
@@ -572,6 +611,10 @@ class GRUOptimizer(_Sides, Optimizer):
         """Load a state dict from :meth:`state_dict` or from the plain inner optimizer
         (the memory then starts empty). Everything is validated first: on any error
         nothing has changed."""
+        real = self._real()
+        if real is not self:
+            real.load_state_dict(state_dict)
+            return
         load_state(self, state_dict)
         self._discard_pending()
 

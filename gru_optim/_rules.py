@@ -56,6 +56,19 @@ class Solution(NamedTuple):
     """``(S, k)`` multipliers of rules with several directions: ``x = g + sum_i l_i d_i``."""
 
 
+def _dots_with(vectors: Sequence[Tensor], directions: Sequence[Tensor | None]) -> Tensor:
+    """``<vectors[i], directions[i]>`` per vector (zero where there is no direction),
+    accumulated in float32 or wider."""
+    have = [i for i, d in enumerate(directions) if d is not None]
+    if not have:
+        return torch.zeros(len(vectors), device=vectors[0].device)
+    d = tensor_dots([vectors[i] for i in have], [directions[i] for i in have])  # type: ignore[misc]
+    vals = [d.new_zeros(())] * len(vectors)
+    for pos, i in enumerate(have):
+        vals[i] = d[pos]
+    return torch.stack(vals)
+
+
 class Rule:
     """The contract of a rectification rule (see the module's docstring)."""
 
@@ -97,15 +110,7 @@ class Rule:
     ) -> Tensor:
         """Per vector, the dot products :meth:`solve` subtracts (``offsets``) when these
         vectors stay in ``.grad`` under the forget gradient: here, with the memory."""
-        have = [i for i, d in enumerate(directions) if d is not None]
-        if not have:
-            return torch.zeros(len(vectors), device=vectors[0].device)
-        d = tensor_dots([vectors[i] for i in have], [directions[i] for i in have])  # type: ignore[misc]
-        zero = d.new_zeros(())
-        vals = [zero] * len(vectors)
-        for pos, i in enumerate(have):
-            vals[i] = d[pos]
-        return torch.stack(vals)
+        return _dots_with(vectors, directions)
 
     def apply_(
         self,
@@ -266,26 +271,7 @@ class Cone(Rule):
     ) -> Tensor:
         """Per vector, its dot products with every direction: ``(n, k)``."""
         cols = self._columns(len(vectors), directions, history)
-        out = []
-        for col in cols:
-            have = [i for i, d in enumerate(col) if d is not None]
-            d = tensor_dots([vectors[i] for i in have], [col[i] for i in have]) if have else None  # type: ignore[misc]
-            vals = [torch.zeros((), device=vectors[0].device)] * len(vectors)
-            for pos, i in enumerate(have):
-                vals[i] = d[pos]  # type: ignore[index]
-            out.append(
-                torch.stack(
-                    [
-                        v.to(
-                            torch.float64
-                            if d is not None and d.dtype == torch.float64
-                            else torch.float32
-                        )
-                        for v in vals
-                    ]
-                )
-            )
-        return torch.stack(out, -1)
+        return torch.stack([_dots_with(vectors, col) for col in cols], -1)
 
     def solve(
         self,
