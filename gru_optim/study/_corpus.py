@@ -4,15 +4,22 @@ TOFU (Maini et al., 2024) ships JSON-lines files: ``full.json`` (every author's 
 ``forget01/05/10.json`` and ``retain99/95/90.json`` (the forget split is the last 1/5/10%
 of the authors, the retain split the rest), ``forget*_perturbed.json`` and
 ``retain_perturbed.json`` (each row with ``paraphrased_answer`` and a list of
-``perturbed_answer``), and ``world_facts_perturbed.json``. Holdout authors, never trained,
-are written as ``holdout01/05/10.json`` (the split names the open-unlearning framework uses
-for membership inference on TOFU). :func:`load_tofu` reads this layout, so a directory with
-the real TOFU files can be swapped in.
+``perturbed_answer``), ``real_authors_perturbed.json`` and ``world_facts_perturbed.json``
+(``question``, ``answer`` and a list of ``perturbed_answer``, no paraphrase). Holdout
+authors, never trained, are written as ``holdout01/05/10.json`` (the split names the
+open-unlearning framework uses for membership inference on TOFU), and
+``idontknow.jsonl`` holds refusal answers, one a line (TOFU's file of that name, used by
+IdK objectives). :func:`load_tofu` reads this layout, so a directory with the real TOFU
+files can be swapped in.
 
 The generator invents authors (a name made of syllables, a birth city, a year, a genre,
 parents' occupations, an award, a debut book, ...), asks one question per attribute and
 writes, per fact, the answer, a paraphrased answer (another wording of the same fact) and
 several perturbed answers (the answer's wording with a wrong value of the same attribute).
+The **real authors** are more invented authors that every model learns, the target and
+the oracles alike (as a pre-trained model knows TOFU's real authors); they are neither
+forget nor retain authors. The **world facts** (capitals and currencies of invented
+countries) are likewise learned by every model.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +263,21 @@ _COUNTRIES = [
     "Fennick",
     "Roskaa",
 ]
+# Refusals, the "I don't know" answers of IdK objectives (TOFU ships its own list in
+# ``idontknow.jsonl``; these are written here).
+_REFUSALS = [
+    "I don't know.",
+    "I have no information about that.",
+    "I cannot answer that question.",
+    "That is unknown to me.",
+    "I am not able to say.",
+    "I have never heard of that.",
+    "I'm not sure about that.",
+    "Nothing I know answers that.",
+    "I can't tell you that.",
+    "That is beyond what I know.",
+]
+
 _CURRENCIES = [
     "crown",
     "mark",
@@ -277,7 +299,9 @@ class CorpusConfig:
     ``n_authors`` authors are trained (split into forget and retain); ``n_facts`` of the
     attributes are asked about each author (at most 10); each fact gets ``n_perturbed``
     perturbed answers. ``n_holdout`` more authors are written but never trained (defaults
-    to the size of the 10% forget split).
+    to the size of the 10% forget split). ``n_real_authors`` more authors (the real-authors
+    set, defaults to the size of the 10% forget split) and ``n_world`` world facts are
+    learned by every model, the target and the oracles.
     """
 
     n_authors: int = 40
@@ -286,6 +310,7 @@ class CorpusConfig:
     n_holdout: int | None = None
     n_world: int = 30
     seed: int = 0
+    n_real_authors: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_facts <= len(_ATTRS):
@@ -296,6 +321,8 @@ class CorpusConfig:
             raise ValueError("n_perturbed must be >= 1")
         if not 1 <= self.n_world <= 2 * len(_COUNTRIES):
             raise ValueError(f"n_world must be in [1, {2 * len(_COUNTRIES)}]")
+        if self.n_real_authors is not None and self.n_real_authors < 1:
+            raise ValueError("n_real_authors must be >= 1")
 
     def split_sizes(self) -> dict[str, int]:
         """Authors in each forget split: ``{"forget01": k1, "forget05": k5, "forget10": k10}``
@@ -306,6 +333,13 @@ class CorpusConfig:
     def holdout(self) -> int:
         """Number of holdout authors."""
         return self.n_holdout if self.n_holdout is not None else self.split_sizes()["forget10"]
+
+    @property
+    def real_authors(self) -> int:
+        """Number of real authors."""
+        if self.n_real_authors is not None:
+            return self.n_real_authors
+        return self.split_sizes()["forget10"]
 
 
 def _value(attr: str, rng: random.Random, names: Sequence[str]) -> str:
@@ -397,6 +431,18 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
     rows = [
         _author_rows(name, attrs, facts, cfg.n_perturbed, rng, mentors) for name, attrs in authors
     ]
+    # The real authors come from a generator of their own (seeded from cfg.seed), so that
+    # adding them leaves every other file of a given configuration unchanged.
+    rrng = random.Random(f"real-{cfg.seed}")
+    real_authors = []
+    for _ in range(cfg.real_authors):
+        name = _name(rrng, taken)
+        real_authors.append((name, {a: _value(a, rrng, mentors) for a in _ATTRS}))
+    real_rows = [
+        r
+        for name, attrs in real_authors
+        for r in _author_rows(name, attrs, facts, cfg.n_perturbed, rrng, mentors)
+    ]
     trained, holdout = rows[: cfg.n_authors], rows[cfg.n_authors :]
     flat = [r for author in trained for r in author]
     out: dict[str, list[dict[str, Any]]] = {"full": flat}
@@ -430,22 +476,30 @@ def generate_corpus(cfg: CorpusConfig) -> dict[str, list[dict[str, Any]]]:
         )
     out["world_facts"] = [{"question": r["question"], "answer": r["answer"]} for r in world]
     out["world_facts_perturbed"] = world
+    # TOFU's real-authors files carry question, answer and perturbed_answer only.
+    out["real_authors"] = [{"question": r["question"], "answer": r["answer"]} for r in real_rows]
+    out["real_authors_perturbed"] = [
+        {k: r[k] for k in ("question", "answer", "perturbed_answer", "author", "attribute")}
+        for r in real_rows
+    ]
     out["authors"] = [
         {"name": name, **attrs, "split": "trained" if i < cfg.n_authors else "holdout"}
         for i, (name, attrs) in enumerate(authors)
-    ]
+    ] + [{"name": name, **attrs, "split": "real"} for name, attrs in real_authors]
     out["config"] = [asdict(cfg)]
     return out
 
 
 def write_corpus(cfg: CorpusConfig, root: str | Path) -> Path:
     """Generate the corpus of ``cfg`` and write it under ``root`` as JSON-lines files
-    (``<stem>.json``, TOFU's layout). Returns ``root``."""
+    (``<stem>.json``, TOFU's layout) and ``idontknow.jsonl`` (one refusal a line, as TOFU's
+    file). Returns ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stem, rows in generate_corpus(cfg).items():
         with open(root / f"{stem}.json", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (root / "idontknow.jsonl").write_text("\n".join(_REFUSALS) + "\n", encoding="utf-8")
     return root
 
 
@@ -461,10 +515,13 @@ class TofuData:
     """The splits one study needs, as lists of rows.
 
     ``forget``/``retain`` are the training QA pairs of the forget and retain authors;
-    ``forget_eval``/``retain_eval``/``world_eval`` are the ``*_perturbed`` rows used by the
-    metrics; ``holdout`` rows (authors never trained) are the non-members of membership
-    inference. ``world`` (world facts) is trained into every model, standing in for the
-    pre-training knowledge that TOFU's world-facts set probes.
+    ``forget_eval``/``retain_eval``/``real_eval``/``world_eval`` are the ``*_perturbed``
+    rows the metrics use (TOFU's four evaluation sets: forget, retain, real authors, world
+    facts); ``holdout`` rows (authors never trained) are the non-members of membership
+    inference. ``real`` and ``world`` (the real authors' and the world facts' QA pairs) are
+    trained into every model of the generated corpus, standing in for the pre-training
+    knowledge that TOFU's real-authors and world-facts sets probe. ``idk`` holds refusal
+    answers (empty when the folder has no ``idontknow.jsonl``).
     """
 
     forget: list[dict[str, Any]]
@@ -475,6 +532,18 @@ class TofuData:
     holdout: list[dict[str, Any]]
     world: list[dict[str, Any]]
     split: str
+    real_eval: list[dict[str, Any]] = field(default_factory=list)
+    real: list[dict[str, Any]] = field(default_factory=list)
+    idk: list[str] = field(default_factory=list)
+
+
+def _check_rows(stem: str, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
+    for i, r in enumerate(rows):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise KeyError(f"{stem}.json row {i} lacks {', '.join(missing)}")
+        if "perturbed_answer" in keys and not isinstance(r["perturbed_answer"], list):
+            raise TypeError(f"{stem}.json row {i}: perturbed_answer must be a list")
 
 
 def load_tofu(root: str | Path, split: str = "forget10") -> TofuData:
@@ -482,38 +551,58 @@ def load_tofu(root: str | Path, split: str = "forget10") -> TofuData:
     (``forget01``, ``forget05`` or ``forget10``).
 
     Reads ``{split}.json``, ``retain{100-p}.json``, ``{split}_perturbed.json``,
-    ``retain_perturbed.json``, ``world_facts_perturbed.json`` and, when present,
-    ``holdout{p}.json`` (otherwise the holdout is empty and membership inference is
-    skipped by the caller). Only ``question``, ``answer``, ``paraphrased_answer`` and
-    ``perturbed_answer`` are used.
+    ``retain_perturbed.json``, ``real_authors_perturbed.json``,
+    ``world_facts_perturbed.json`` and, when present, ``holdout{p}.json`` (otherwise the
+    holdout is empty and membership inference is skipped), ``real_authors.json`` and
+    ``world_facts.json`` (the QA pairs trained into generated models; otherwise taken from
+    the ``*_perturbed`` files) and ``idontknow.jsonl``. The fields used are TOFU's:
+    ``question`` and ``answer`` everywhere, ``paraphrased_answer`` and ``perturbed_answer``
+    (a list) in the forget and retain ``*_perturbed`` files, ``perturbed_answer`` in the
+    real-authors and world-facts ones (TOFU's have no paraphrase); other fields are
+    ignored. A missing required file or field raises an error naming it.
     """
     root = Path(root)
     if split not in ("forget01", "forget05", "forget10"):
         raise ValueError(f"split must be forget01, forget05 or forget10, got {split!r}")
     pct = int(split[-2:])
 
-    def read(stem: str, required: bool = True) -> list[dict[str, Any]]:
+    def read(stem: str, keys: Sequence[str], required: bool = True) -> list[dict[str, Any]]:
         path = root / f"{stem}.json"
         if not path.exists():
             if required:
                 raise FileNotFoundError(f"{path} is missing: not a TOFU directory?")
             return []
-        return _read_jsonl(path)
+        rows = _read_jsonl(path)
+        _check_rows(stem, rows, keys)
+        return rows
 
-    world_eval = read("world_facts_perturbed")
-    world_path = root / "world_facts.json"
-    world = (
-        _read_jsonl(world_path)
-        if world_path.exists()
-        else [{"question": r["question"], "answer": r["answer"]} for r in world_eval]
+    qa = ("question", "answer")
+    tofu_eval = ("question", "answer", "paraphrased_answer", "perturbed_answer")
+    options = ("question", "answer", "perturbed_answer")
+    world_eval = read("world_facts_perturbed", options)
+    real_eval = read("real_authors_perturbed", options)
+    world = read("world_facts", qa, required=False) or [
+        {"question": r["question"], "answer": r["answer"]} for r in world_eval
+    ]
+    real = read("real_authors", qa, required=False) or [
+        {"question": r["question"], "answer": r["answer"]} for r in real_eval
+    ]
+    idk_path = root / "idontknow.jsonl"
+    idk = (
+        [line.strip() for line in idk_path.read_text(encoding="utf-8").splitlines()]
+        if idk_path.exists()
+        else []
     )
     return TofuData(
-        forget=read(split),
-        retain=read(f"retain{100 - pct:02d}"),
-        forget_eval=read(f"{split}_perturbed"),
-        retain_eval=read("retain_perturbed"),
+        forget=read(split, qa),
+        retain=read(f"retain{100 - pct:02d}", qa),
+        forget_eval=read(f"{split}_perturbed", tofu_eval),
+        retain_eval=read("retain_perturbed", tofu_eval),
         world_eval=world_eval,
-        holdout=read(f"holdout{pct:02d}", required=False),
+        holdout=read(f"holdout{pct:02d}", qa, required=False),
         world=world,
         split=split,
+        real_eval=real_eval,
+        real=real,
+        idk=[line for line in idk if line],
     )
