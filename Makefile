@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 TORCH  := torch==2.13.0
-EXTRAS := test,bench,hf,study,triton,lightning
+EXTRAS := test,bench,hf,study,triton,lightning,deepspeed
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench clean lint
@@ -14,6 +14,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# DeepSpeed JIT-compiles its CPU shared-memory communication op on first use (g++,
+	# about a minute): build it once here, not inside a test's time limit.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $@
 
 demo: $(STAMP)

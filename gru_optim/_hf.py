@@ -158,8 +158,11 @@ class GRUTrainer(Trainer):
             processing_class,
             **kwargs,
         )
-        if self.args.fp16:
-            raise ValueError("GRUTrainer does not support fp16 with a gradient scaler; use bf16")
+        if self.args.fp16 and not self.is_deepspeed_enabled:
+            raise ValueError(
+                "GRUTrainer does not support fp16 with a gradient scaler; use bf16 (or "
+                "DeepSpeed, whose loss scaling GRUDeepSpeed follows)"
+            )
         self.args.remove_unused_columns = False
         self.add_callback(_PairedEpochCallback(self))
         self.ref_model: nn.Module | None = None
@@ -185,8 +188,14 @@ class GRUTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer (or the one passed in), wrapped in :class:`GRUOptimizer`."""
+        """The Trainer's optimizer (or the one passed in), wrapped in :class:`GRUOptimizer`.
+
+        Under DeepSpeed the plain torch optimizer goes to ``deepspeed.initialize`` (ZeRO
+        replaces its parameters by flat partitions) and GRU drives the engine instead
+        (:class:`gru_optim.deepspeed.GRUDeepSpeed`, see :attr:`gru_optimizer`)."""
         opt = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.is_deepspeed_enabled:
+            return opt
         clip = (
             self.args.max_grad_norm
             if self.args.max_grad_norm and self.args.max_grad_norm > 0
@@ -223,19 +232,32 @@ class GRUTrainer(Trainer):
         return None
 
     def _record_step_stats(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        stats = find_gru_optimizer(optimizer).last_stats
-        if stats and bool(stats["rectified"]):
-            self._gru_log["cosine"].append(stats["cosine"].detach().float())
-            conflict = stats["conflict"].detach().float()
-            self._gru_log["conflict"].append(
-                torch.where(stats["rectified"], conflict, float("nan"))
-            )
-        if stats and "grad_norm" in stats:
+        self._record_stats(find_gru_optimizer(optimizer).last_stats)
+
+    def _record_stats(self, stats: Mapping[str, Tensor]) -> None:
+        """Keep this step's statistics for the next log (tensors: no host read here)."""
+        if not stats:
+            return
+        rectified = stats["rectified"]
+        for key in ("cosine", "conflict"):
+            value = stats[key].detach().float()
+            self._gru_log[key].append(torch.where(rectified, value, float("nan")))
+        if "grad_norm" in stats:
             self._gru_log["grad_norm"].append(stats["grad_norm"].detach().float())
 
     @property
-    def gru_optimizer(self) -> GRUOptimizer:
-        """The :class:`GRUOptimizer` (after the optimizer is created)."""
+    def gru_optimizer(self) -> Any:
+        """The :class:`GRUOptimizer` (after the optimizer is created); under DeepSpeed the
+        :class:`gru_optim.deepspeed.GRUDeepSpeed` driving the engine (DeepSpeed's
+        ``gradient_clipping``, ``"auto"``: ``args.max_grad_norm``, clips the rectified
+        gradient in the engine's step)."""
+        if self.is_deepspeed_enabled:
+            gru = getattr(self, "_gru_deepspeed", None)
+            if gru is None:
+                from .deepspeed import GRUDeepSpeed
+
+                gru = self._gru_deepspeed = GRUDeepSpeed(self.model_wrapped, **self.gru_kwargs)
+            return gru
         if self.optimizer is None:
             raise RuntimeError("the optimizer is not created yet (call train() first)")
         return find_gru_optimizer(self.optimizer)
@@ -303,6 +325,9 @@ class GRUTrainer(Trainer):
         return batch_samples, num_items
 
     def _retain_pass(self, batch_samples: list[Any], retain_tokens: Tensor) -> None:
+        if self.is_deepspeed_enabled:
+            self._retain_pass_deepspeed(batch_samples, retain_tokens)
+            return
         opt = self.gru_optimizer
         model = self.model_wrapped
         model.train()
@@ -324,6 +349,25 @@ class GRUTrainer(Trainer):
         assert rp.loss is not None
         self._gru_log["retain_loss"].append(rp.loss)
 
+    def _retain_pass_deepspeed(self, batch_samples: list[Any], retain_tokens: Tensor) -> None:
+        """The retain pass through the DeepSpeed engine: ``engine.backward`` per
+        micro-batch (``accelerator.backward`` would call ``engine.step()`` after the
+        synchronising one); GRUDeepSpeed sets the accumulation boundary itself."""
+        engine: Any = self.model_wrapped  # a deepspeed.DeepSpeedEngine
+        engine.train()
+        total = torch.zeros(())
+        # the epoch's last step may have fewer micro-batches than accumulation steps
+        with self.gru_optimizer.retain_pass(micro_batches=len(batch_samples)):
+            for b in batch_samples:
+                inputs = self._prepare_inputs(b["retain"])
+                with self.compute_loss_context_manager():
+                    logits = engine(**_without_labels(inputs)).logits
+                    loss = nll_loss(logits, inputs["labels"], num_items=retain_tokens)
+                # normalised over the whole step already: DeepSpeed must not divide
+                engine.backward(loss * self._gru_scale, scale_wrt_gas=False)
+                total = total + loss.detach().cpu()
+        self._gru_log["retain_loss"].append(total)
+
     def training_step(
         self,
         model: nn.Module,
@@ -332,7 +376,19 @@ class GRUTrainer(Trainer):
     ) -> Tensor:
         """Forward and backward of the objective on one micro-batch, normalised by the
         counts of the whole optimizer step. Returns the (detached) micro-batch loss; they
-        add up to the step's loss."""
+        add up to the step's loss. Under DeepSpeed the step's last micro-batch also runs
+        GRU's step (rectify, then the engine's step)."""
+        if self.is_deepspeed_enabled:
+            model.train()
+            inputs = self._prepare_inputs(inputs)
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            cast(Any, self.model_wrapped).backward(loss, scale_wrt_gas=False)
+            if self.accelerator.sync_gradients:
+                gru = self.gru_optimizer
+                gru.step()
+                self._record_stats(gru.last_stats)
+            return loss.detach()  # type: ignore[union-attr]
         model.train()
         if (
             self.optimizer is not None

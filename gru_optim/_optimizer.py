@@ -36,7 +36,7 @@ from ._inner import needs_closure
 from ._memory import EMA_KEY, RetainMemory
 from ._partition import PARTITIONS, Granularity
 from ._pending import Pending, RetainPass, signature
-from ._rules import Cone, CosClip, OneDirection, Projection, Rule
+from ._rules import Cone, OneDirection, Rule, make_rule
 from ._sides import Closure, _Sides, check_loss
 from ._spaces import SPACES
 
@@ -174,26 +174,7 @@ class GRUOptimizer(_Sides, Optimizer):
             )
         if space not in SPACES:
             raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
-        if (
-            isinstance(directions, bool)
-            or not isinstance(directions, int)
-            or not 1 <= directions <= 16
-        ):
-            raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
-        if directions > 1 and (rule is not None or cos_clip is not None):
-            raise ValueError("directions > 1 is the cone rule: give directions, cos_clip or rule")
-        if rule is not None and cos_clip is not None:
-            raise ValueError("give cos_clip or rule, not both")
-        if rule is not None and not isinstance(rule, Rule):
-            raise TypeError(f"rule must be a gru_optim.rules.Rule, got {type(rule).__name__}")
-        if rule is None:
-            rule = (
-                Cone(directions)
-                if directions > 1
-                else CosClip(cos_clip)
-                if cos_clip is not None
-                else Projection()
-            )
+        rule = make_rule(directions=directions, cos_clip=cos_clip, rule=rule)
         self._rule: Rule = rule
         if max_grad_norm is not None:
             max_grad_norm = real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)

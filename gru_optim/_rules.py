@@ -35,7 +35,7 @@ from ._functional import (
 from ._groups import real
 from ._reduce import Reducer
 
-__all__ = ["Cone", "CosClip", "OneDirection", "Projection", "Rule", "Solution"]
+__all__ = ["Cone", "CosClip", "OneDirection", "Projection", "Rule", "Solution", "make_rule"]
 
 
 class Solution(NamedTuple):
@@ -336,6 +336,27 @@ class Cone(Rule):
                 torch.stack([per[i] for i in have]),
                 foreach=foreach,
             )
+
+
+def make_rule(
+    *, directions: int = 1, cos_clip: float | None = None, rule: Rule | None = None
+) -> Rule:
+    """The rule the optimizers' keyword arguments select (validated): ``rule`` itself, the
+    cone for ``directions > 1``, cos clip for a ``cos_clip`` threshold, else the paper's
+    projection."""
+    if isinstance(directions, bool) or not isinstance(directions, int) or not 1 <= directions <= 16:
+        raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
+    if directions > 1 and (rule is not None or cos_clip is not None):
+        raise ValueError("directions > 1 is the cone rule: give directions, cos_clip or rule")
+    if rule is not None and cos_clip is not None:
+        raise ValueError("give cos_clip or rule, not both")
+    if rule is not None:
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a gru_optim.rules.Rule, got {type(rule).__name__}")
+        return rule
+    if directions > 1:
+        return Cone(directions)
+    return CosClip(cos_clip) if cos_clip is not None else Projection()
 
 
 RULES: dict[str, Callable[..., Rule]] = {
