@@ -60,7 +60,14 @@ def fused_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's own reading of the flag (its knobs.env_bool).
+        if os.environ.get("TRITON_INTERPRET", "").strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "y",
+        ):
             return None
         return (
             "fused=True on CPU tensors runs Triton's interpreter, which needs "
@@ -230,9 +237,12 @@ def _elementwise(name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *arg
 
 def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
     """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
-    _elementwise("fold", grads, ema, gammas, gate.to(torch.int32))
+    _elementwise("fold", grads, ema, gammas.contiguous(), gate.to(torch.int32))
 
 
 def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:
-    """``g_i <- g_i - coefs_i m_i`` unless the 0-dim ``skip`` is true."""
-    _elementwise("project", grads, ema, coefs, skip.to(torch.int32))
+    """``g_i <- g_i - coefs_i m_i`` unless the 0-dim ``skip`` is true.
+
+    ``coefs`` may be any 1-D view (an expanded global coefficient has stride 0): the kernel
+    reads a dense table, so it is made contiguous here."""
+    _elementwise("project", grads, ema, coefs.contiguous(), skip.to(torch.int32))

@@ -55,6 +55,18 @@ def check_loss(loss: Any, what: str) -> Any:
     raise TypeError(f"the {what} must return its loss (a scalar tensor), got {type(loss).__name__}")
 
 
+def _has_state(inner: Optimizer) -> bool:
+    """Whether every parameter about to be stepped already has its state in ``inner``
+    (a dictionary lookup per parameter, no tensor read)."""
+    state = inner.state
+    return all(
+        p in state and len(state[p]) > 0
+        for g in inner.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    )
+
+
 class _Sides:
     """The retain, post and forget sides of a step (mixed into ``GRUOptimizer``)."""
 
@@ -464,11 +476,15 @@ class _Sides:
         if skip is None:
             step_inner(self._inner)
             return
-        if not self._device_skip:
-            if not bool(skip):
-                step_inner(self._inner)
-            return
         inner = self._inner
+        if not self._device_skip or not _has_state(inner):
+            # torch's fused optimizers create their state (SGD's momentum buffers with
+            # empty_like) before they read ``found_inf``: a device skip of a parameter's
+            # first step would leave uninitialised state behind, so that step reads the
+            # flag on the host.
+            if not bool(skip):
+                step_inner(inner)
+            return
         had = "found_inf" in inner.__dict__
         saved = inner.__dict__.get("found_inf")
         inner.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]

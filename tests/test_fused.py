@@ -94,6 +94,23 @@ def test_fold_and_projection_match_the_foreach_path(problem, gamma) -> None:
     assert tensor_sq_norms(g, fused=True).dtype == torch.float64
 
 
+@pytest.mark.parametrize("layout", ["expanded", "strided"])
+def test_projection_reads_coefficient_views_correctly(layout) -> None:
+    # A global coefficient reaches the kernel as ``coef.expand(n)`` (stride 0): the kernel
+    # must not read past a one-element buffer (it did, and left tensors unprojected).
+    g = [torch.randn(30), torch.randn(4, 5), torch.randn(7)]
+    m = [torch.randn(30), torch.randn(4, 5), torch.randn(7)]
+    if layout == "expanded":
+        coefs = torch.tensor(-0.75, dtype=torch.float64).expand(3)
+    else:
+        coefs = torch.tensor([-0.5, 9.0, -1.25, 9.0, 0.5, 9.0], dtype=torch.float64)[::2]
+    ga, gb = [x.clone() for x in g], [x.clone() for x in g]
+    project_(ga, m, coefs, fused=True)
+    project_(gb, m, coefs.contiguous(), fused=False)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
 def test_device_gates_change_nothing() -> None:
     g = [torch.randn(100), torch.randn(7, 3)]
     m = [torch.randn(100), torch.randn(7, 3)]
@@ -216,3 +233,84 @@ def test_fused_true_is_refused_where_it_cannot_run() -> None:
 def test_fused_none_picks_the_foreach_path_on_the_cpu() -> None:
     opt = GRUOptimizer(make_inner("adam", make_net(torch.float32)))
     assert opt._fused is False
+
+
+def _shared_model() -> torch.nn.Module:
+    # Every parameter gets both a forget and a retain gradient, so every parameter has a
+    # memory (the global coefficient then reaches the kernel as one expanded value).
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+
+def _shared_closures(model, t):
+    gen = torch.Generator().manual_seed(t)
+    xf, xr = torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen)
+    yf, yr = torch.randint(0, 3, (8,), generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    ce = torch.nn.functional.cross_entropy
+
+    def forget():
+        loss = -ce(model(xf), yf)
+        loss.backward()
+        return loss
+
+    def retain():
+        loss = ce(model(xr), yr)
+        loss.backward()
+        return loss
+
+    return forget, retain
+
+
+@pytest.mark.parametrize("kw", [{}, {"cos_clip": -0.5}, {"retain_weight": 0.5}])
+def test_fused_global_projection_when_every_parameter_has_a_memory(kw) -> None:
+    a = _shared_model()
+    b = copy.deepcopy(a)
+    oa = GRUOptimizer(torch.optim.SGD(a.parameters(), lr=0.5), fused=True, **kw)
+    ob = GRUOptimizer(torch.optim.SGD(b.parameters(), lr=0.5), fused=False, **kw)
+    conflicts = 0
+    for t in range(4):
+        oa.step(*_shared_closures(a, t))
+        ob.step(*_shared_closures(b, t))
+        conflicts += int(ob.last_stats["conflict"])
+        torch.testing.assert_close(oa.last_stats["coef"].double(), ob.last_stats["coef"].double())
+    assert conflicts > 0  # the projection ran
+    assert_params_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
+    ],
+    ids=["sgd_fused", "adamw_fused"],
+)
+def test_a_skipped_first_step_leaves_a_fused_inner_optimizer_empty(make) -> None:
+    # torch's fused optimizers create their state before they read found_inf: the first
+    # step of a parameter is skipped on the host, so no uninitialised buffer is left.
+    model = _shared_model()
+    ref = copy.deepcopy(model)
+    opt = GRUOptimizer(make(list(model.parameters())), fused=True)
+    ref_opt = GRUOptimizer(make(list(ref.parameters())), fused=False)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def poisoned(net):
+        f, _ = _shared_closures(net, 0)
+
+        def run():
+            loss = f()
+            net[0].weight.grad[0, 0] = float("nan")
+            return loss
+
+        return run
+
+    opt.step(poisoned(model), _shared_closures(model, 0)[1])
+    ref_opt.step(poisoned(ref), _shared_closures(ref, 0)[1])
+    assert int(opt.last_stats["skip_reason"]) == SkipReason.FORGET_NONFINITE
+    assert len(opt.state) == 0
+    assert all(torch.equal(x, p) for x, p in zip(before, model.parameters()))
+    for t in range(1, 4):
+        opt.step(*_shared_closures(model, t))
+        ref_opt.step(*_shared_closures(ref, t))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert_params_close(model, ref, rtol=1e-5, atol=1e-6)
