@@ -24,13 +24,20 @@ on the device of the inputs:
   flow: the default on the CPU, where reading a flag costs nothing). Both return a point
   that satisfies the KKT conditions to rounding; the tests check they agree.
 - **Rounding-level slack.** Near-redundant directions (the memory lies in the span of the
-  recent gradients during the first ``k`` steps) make ``G`` (nearly) singular. A
-  constraint whose normalised slack ``s_i / |d_i|`` is at least ``-tol`` counts as
-  satisfied, with ``tol = 64 eps |g|`` (``eps`` the precision of the sums: float32 or
-  float64); among the active sets that satisfy the KKT conditions to that tolerance the
-  smallest is taken (and then the one of least objective), which is the best
-  conditioned: a singular subsystem is never used when a regular one gives the same
-  point. A multiplier below ``tol`` is zero and its direction not active.
+  recent gradients during the first ``k`` steps; oscillating retain gradients) make ``G``
+  (nearly) singular, and the multipliers of the exact solution can be large while
+  ``x`` itself stays short. A candidate's normalised slacks ``s_i / |d_i|`` and
+  multipliers are accepted down to ``-tol``, with the backward-error tolerance
+  ``tol = 64 eps (|g| + sum_j mu_j)`` (``eps`` the precision of the sums, float32 or
+  float64; ``mu`` the normalised multipliers: every term of a slack is at most that
+  large, so this is what its rounding can reach). Among the active sets that satisfy the
+  KKT conditions to that tolerance the smallest is taken (then the one of least
+  objective), which is the best conditioned: a singular subsystem (a pivot below
+  ``64 eps``) is never used, its direction being, to the precision of the sums, in the
+  span of the others. A multiplier below ``tol`` is zero and its direction not active.
+  Should rounding leave no candidate inside the tolerance, the candidate whose returned
+  point violates the constraints least is taken (the empty set, ``x = g``, is one of
+  them, so the result never violates more than ``g`` did); ``min_slack`` then shows it.
 """
 
 from __future__ import annotations
@@ -74,9 +81,19 @@ def _normalise(gram: Tensor, dots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     return c, bn, valid, safe
 
 
+def _rel(dtype: torch.dtype) -> float:
+    """``64 eps`` of the precision the sums were accumulated in."""
+    return 64.0 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
 def _tolerance(grad_sq_norm: Tensor, dtype: torch.dtype) -> Tensor:
-    eps = torch.finfo(torch.float32 if dtype != torch.float64 else torch.float64).eps
-    return 64.0 * eps * grad_sq_norm.to(torch.float64).clamp(min=0).sqrt()
+    """``64 eps |g|``: the part of the tolerance that does not depend on the solution."""
+    return _rel(dtype) * grad_sq_norm.to(torch.float64).clamp(min=0).sqrt()
+
+
+def _kkt_tol(tol: Tensor, mu: Tensor, rel: float) -> Tensor:
+    """``64 eps (|g| + sum_j |mu_j|)`` per candidate (see the module docstring)."""
+    return tol + rel * mu.abs().sum(-1)
 
 
 def _spd_solve(
@@ -115,7 +132,9 @@ def _slack(c: Tensor, mu: Tensor, b: Tensor) -> Tensor:
     return (c * mu[..., None, :]).sum(-1) + b
 
 
-def _enumerate(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: float) -> Tensor:
+def _enumerate(
+    c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: float, rel: float
+) -> Tensor:
     """Normalised multipliers by enumeration of the active sets (no host reads)."""
     s_count, k = b.shape
     device = b.device
@@ -136,15 +155,15 @@ def _enumerate(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: floa
         )
         info = (kept != mm).any(-1).to(torch.int64)  # a dependent set: singular
         slack = _slack(c[:, None], mu, b[:, None, :])
-        t = tol[:, None, None]
+        t = _kkt_tol(tol[:, None], mu, rel)[..., None]
         ok_mu = torch.where(mm, mu >= -t, torch.ones_like(mm))
         ok_s = torch.where(valid[:, None, :], slack >= -t, torch.ones_like(mm))
         duplicate = (m[None] & ~valid[:, None, :]).any(-1)  # same set as one without them
-        good = (info == 0) & ok_mu.all(-1) & ok_s.all(-1) & ~duplicate
+        regular = (info == 0) & ~duplicate
+        good = regular & ok_mu.all(-1) & ok_s.all(-1)
         mu = torch.where(mm, mu.clamp(min=0), torch.zeros_like(mu))
-        obj = 0.5 * (mu * (_slack(c[:, None], mu, b[:, None, :]) - b[:, None, :])).sum(-1) + (
-            mu * b[:, None, :]
-        ).sum(-1)
+        slack = _slack(c[:, None], mu, b[:, None, :])  # of the point actually returned
+        obj = 0.5 * (mu * (slack - b[:, None, :])).sum(-1) + (mu * b[:, None, :]).sum(-1)
         size = mm.sum(-1).to(torch.float64)
         # Smallest active set first, then the least objective.
         key = torch.where(good, size * 1e30 + obj, torch.full_like(obj, float("inf")))
@@ -152,12 +171,10 @@ def _enumerate(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: floa
         better = k_min < best_key
         best_key = torch.where(better, k_min, best_key)
         best_mu = torch.where(better[:, None], mu[torch.arange(s_count), idx], best_mu)
-        # If rounding leaves no candidate exact to tol: the least KKT violation.
-        viol = torch.maximum(
-            torch.where(mm, (-mu).clamp(min=0), torch.zeros_like(mu)).amax(-1),
-            torch.where(valid[:, None, :], (-slack).clamp(min=0), torch.zeros_like(slack)).amax(-1),
-        )
-        viol = torch.where((info == 0) & ~duplicate, viol, torch.full_like(viol, float("inf")))
+        # If rounding leaves no candidate exact to tol: the returned point that violates
+        # the constraints least (the empty set, x = g, is a candidate).
+        viol = torch.where(valid[:, None, :], (-slack).clamp(min=0), torch.zeros_like(slack))
+        viol = torch.where(regular, viol.amax(-1), torch.full_like(size, float("inf")))
         v_min, v_idx = viol.min(-1)
         fb_better = v_min < fallback_key
         fallback_key = torch.where(fb_better, v_min, fallback_key)
@@ -166,7 +183,9 @@ def _enumerate(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: floa
     return torch.where(found[:, None], best_mu, fallback_mu)
 
 
-def _active_set(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: float) -> Tensor:
+def _active_set(
+    c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: float, rel: float
+) -> Tensor:
     """Normalised multipliers by the Lawson-Hanson active-set method (host control flow:
     for the CPU)."""
     out = torch.zeros_like(b)
@@ -179,7 +198,7 @@ def _active_set(c: Tensor, b: Tensor, valid: Tensor, tol: Tensor, pivot_tol: flo
             w = -_slack(cs, mu, bs)  # minus the slack: positive where a constraint is violated
             w = torch.where(vs & ~passive, w, torch.full_like(w, -float("inf")))
             j = int(torch.argmax(w))
-            if not float(w[j]) > t:
+            if not float(w[j]) > t + rel * float(mu.abs().sum()):
                 break
             passive[j] = True
             for _ in range(3 * k + 10):
@@ -233,21 +252,19 @@ def cone_coefficients(
         raise ValueError(f"cone_coefficients supports 1 to 16 directions, got {k}")
     c, b, valid, norms = _normalise(gram, dots)
     tol = _tolerance(grad_sq_norm, precision)
-    pivot_tol = (
-        64.0 * torch.finfo(torch.float64 if precision == torch.float64 else torch.float32).eps
-    )
+    rel = pivot_tol = _rel(precision)
     if method is None:
         method = "active_set" if gram.device.type == "cpu" else "enumerate"
     if method == "enumerate":
-        mu = _enumerate(c, b, valid, tol, pivot_tol)
+        mu = _enumerate(c, b, valid, tol, pivot_tol, rel)
     elif method == "active_set":
-        mu = _active_set(c.cpu(), b.cpu(), valid.cpu(), tol.cpu(), pivot_tol).to(b.device)
-        # Insurance: a segment the active-set method left outside the KKT conditions (it
-        # has not happened in the tests) is solved again by enumeration.
+        mu = _active_set(c.cpu(), b.cpu(), valid.cpu(), tol.cpu(), pivot_tol, rel).to(b.device)
+        # Insurance: a segment the active-set method left outside the KKT conditions
+        # (rounding in a nearly singular system can stall it) is solved by enumeration.
         slack = _slack(c, mu, b)
-        bad = (valid & (slack < -tol[:, None])).any(-1)
+        bad = (valid & (slack < -_kkt_tol(tol, mu, rel)[:, None])).any(-1)
         if bool(bad.any()):
-            redo = _enumerate(c[bad], b[bad], valid[bad], tol[bad], pivot_tol)
+            redo = _enumerate(c[bad], b[bad], valid[bad], tol[bad], pivot_tol, rel)
             mu = mu.clone()
             mu[bad] = redo
     else:

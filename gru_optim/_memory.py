@@ -12,10 +12,12 @@ Conventions, in this one place:
   says otherwise (``torch.bfloat16`` halves the memory);
 - a parameter gets a buffer at its first retain gradient; while it has none its memory
   decays by ``1 - gamma`` per fold (with ``gamma = 1`` it becomes exactly zero and is
-  dropped); a frozen parameter (``requires_grad=False``) is left out of folds;
+  dropped, or, with GRU-k, kept as zeros beside its recent raw gradients); a frozen
+  parameter (``requires_grad=False``) is left out of folds;
 - an all-zero memory is no memory: ``state_dict`` writes zeros for trainable parameters
   without one (so a template from a fresh optimizer has every key), and loading reads
-  zeros back as no memory;
+  zeros back as no memory (with GRU-k: zeros in the buffer and in every recent raw
+  gradient);
 - for DTensor parameters (FSDP2) the buffer is a DTensor sharded like the parameter, and
   every operation works on the local shard.
 
@@ -176,11 +178,13 @@ class RetainMemory:
         decay: dict[float, list[Tensor]] = {}
         for p in absent:
             gm = gamma[id(p)]
-            if gm == 1.0:
+            if gm == 1.0 and not self.history:
                 # m = 1 * 0 + 0 * m is exactly zero: no memory, as a reloaded checkpoint
                 # reads an all-zero memory.
                 del self._buffers[p]
-                self._hist.pop(p, None)
+            elif gm == 1.0:
+                # GRU-k: the older raw gradients still count, so the buffer stays (zero).
+                local(self._buffers[p]).zero_()
             else:
                 decay.setdefault(gm, []).append(local(self._buffers[p]))
         for gm, ms in decay.items():
@@ -257,12 +261,15 @@ class RetainMemory:
                     bad = bad | (~torch.isfinite(h)).any()
                 return bad.to(first, torch.float32)
 
-            flags = torch.stack(
-                [
-                    torch.stack([local(new[q]).ne(0).any().to(first, torch.float32), nonfinite(q)])
-                    for q in keys
-                ]
-            )
+            def nonzero(q: Tensor) -> Tensor:
+                # A memory counts if the buffer or (GRU-k) any recent raw gradient is not
+                # all zero: a zero EMA can sit beside a history that still constrains.
+                nz = local(new[q]).ne(0).any()
+                for h in hist.get(q, []):
+                    nz = nz | h.ne(0).any()
+                return nz.to(first, torch.float32)
+
+            flags = torch.stack([torch.stack([nonzero(q), nonfinite(q)]) for q in keys])
             Reducer.for_params(keys).sum_(flags)
             host = flags.tolist()
         bad = sum(1 for _, nf in host if nf > 0)

@@ -114,6 +114,54 @@ def test_sixteen_directions(seed) -> None:
         assert int(sol.active[0]) > 1
 
 
+def _violation(d, g, x):
+    norms = d.norm(dim=0)
+    slack = (d.T @ x) / torch.where(norms > 0, norms, 1.0)
+    return float((-slack[norms > 0]).clamp(min=0).max()) / float(g.norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(3, 8), st.integers(1, 2), st.floats(-10, -5))
+def test_nearly_dependent_directions_stay_feasible(method, seed, k, rank, log_noise) -> None:
+    # Directions close to a 1-2 dimensional subspace (oscillating retain gradients): the
+    # Gram matrix is nearly singular and the exact multipliers large. The point returned
+    # satisfies the constraints to rounding and is never longer than g (it used to
+    # violate them by 1e5 |g| when no candidate met an absolute tolerance).
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(8, rank, generator=gen, dtype=F64)
+    d = u @ torch.randn(rank, k, generator=gen, dtype=F64)
+    d = d + 10.0**log_noise * torch.randn(8, k, generator=gen, dtype=F64)
+    g = -2.0 * u @ torch.randn(rank, generator=gen, dtype=F64) + 0.3 * torch.randn(
+        8, generator=gen, dtype=F64
+    )
+    x, sol = solve(d, g, method)
+    # Directions closer than sqrt(64 eps) ~ 1.2e-7 (relative) are one direction to the
+    # precision of float64 sums: the documented bound on the violation is that size.
+    gn = float(g.norm())
+    assert _violation(d, g, x) <= 1e-6
+    assert float(x.norm()) <= gn * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("eps", [1e-4, 1e-6, 1e-8])
+def test_positively_dependent_directions(method, eps) -> None:
+    # d3 = -(d1 + d2) + eps e: a thin cone. A true projection is feasible (the library
+    # returned g untouched, violating a constraint by 0.3 |g|).
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(10, 3, generator=gen, dtype=F64)
+    d[:, 2] = -(d[:, 0] + d[:, 1]) + eps * torch.randn(10, generator=gen, dtype=F64)
+    for trial in range(20):
+        g = torch.randn(10, generator=gen, dtype=F64)
+        x, _ = solve(d, g, method)
+        assert _violation(d, g, x) <= 1e-6, trial
+        assert float(x.norm()) <= float(g.norm()) * (1 + 1e-9)
+        # Optimal to the conditioning of the Gram matrix (about 1/eps^2 here): the solve
+        # sees only inner products, so x is as exact as cond(G) eps allows.
+        ref = cone_project(g, list(d.T))
+        assert float((x - g).norm()) <= float((ref - g).norm()) * (1 + 1e-3) + 1e-9
+
+
 def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="1 to 16"):
         cone_coefficients(torch.eye(17)[None], torch.zeros(1, 17), torch.ones(1))
@@ -251,3 +299,59 @@ def test_gram_in_float64_for_float64_parameters_and_float32_otherwise() -> None:
         opt.step()
     assert opt.last_stats["dot"].dtype == F64
     assert np.isfinite(float(opt.last_stats["min_slack"]))
+
+
+def test_gamma_one_keeps_the_history_of_a_parameter_without_a_retain_gradient() -> None:
+    # gamma = 1 makes the memory of a parameter without a retain gradient exactly zero;
+    # its older raw retain gradients still constrain (they were dropped with it).
+    a = nn.Parameter(torch.zeros(2))
+    b = nn.Parameter(torch.zeros(2))
+    opt = GRUOptimizer(torch.optim.SGD([a, b], lr=0.0), gamma=1.0, directions=3)
+    with opt.retain_pass():
+        a.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    a.grad, b.grad = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])
+    opt.step()
+    with opt.retain_pass():
+        b.grad = torch.tensor([1.0, 0.0])  # a: no retain gradient this step
+    a.grad, b.grad = torch.tensor([-1.0, 0.0]), torch.tensor([0.0, 0.0])
+    opt.step()
+    assert [h.tolist() for h in opt.retain_history(a)] == [[1.0, 0.0], [0.0, 0.0]]
+    g = torch.cat([a.grad, b.grad]).double()
+    r1 = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=F64)
+    r2 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=F64)
+    want = cone_project(torch.tensor([-1.0, 0.0, 0.0, 0.0], dtype=F64), [r2, r1, r2])
+    torch.testing.assert_close(g, want)
+    assert float(g @ r1) >= -1e-7
+
+
+def test_a_zero_memory_beside_a_live_history_survives_a_checkpoint() -> None:
+    # gamma = 0.5 with r1 = 2 e1, r2 = -e1 leaves m = 0 exactly and a non-zero history:
+    # loading must keep it (an all-zero memory used to be read as no memory at all).
+    def run(resume: bool):
+        w = nn.Parameter(torch.zeros(3))
+        u = nn.Parameter(torch.zeros(2))
+
+        def make():
+            return GRUOptimizer(torch.optim.SGD([w, u], lr=0.1), gamma=0.5, directions=3)
+
+        opt = make()
+        for rw, ru in [([2.0, 0, 0], [1.0, 0]), ([-1.0, 0, 0], [0.0, 1])]:
+            with opt.retain_pass():
+                w.grad, u.grad = torch.tensor(rw), torch.tensor(ru)
+            w.grad, u.grad = torch.tensor([0.3, 1.0, 0.0]), torch.tensor([0.5, 0.5])
+            opt.step()
+        assert torch.equal(opt.retain_memory(w), torch.zeros(3))
+        if resume:
+            sd = copy.deepcopy(opt.state_dict())
+            opt = make()
+            opt.load_state_dict(sd)
+        hist = [h.tolist() for h in opt.retain_history(w)]
+        with opt.retain_pass():
+            u.grad = torch.tensor([0.0, 1.0])
+        w.grad, u.grad = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0])
+        opt.step()
+        return w.detach().clone(), u.detach().clone(), hist
+
+    a, b = run(False), run(True)
+    assert a[2] == b[2] == [[2.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
