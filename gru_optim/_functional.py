@@ -135,6 +135,9 @@ def ema_update_(
                     m.mul_(1.0 - gamma).add_(g, alpha=gamma)
 
 
+_SUBNORMAL32 = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
+
+
 def tensor_sq_norms(
     tensors: Sequence[Tensor],
     *,
@@ -171,7 +174,21 @@ def tensor_sq_norms(
             norms = [torch.linalg.vector_norm(t, dtype=cdtype) for t in ts]
         for i, n in zip(idx, norms):
             out[i] = n
-    return _stack_scalars(out, tensors[0].device).square()
+    sq = _stack_scalars(out, tensors[0].device).square()
+    if sq.dtype == torch.float32 and sq.device.type == "cpu":
+        # A non-zero tensor whose squares all underflow (elements below ~1e-23) must not
+        # read as zero ("no memory"): the smallest subnormal marks it, and the range check
+        # then recomputes in float64. Reading the flag is free on the CPU; on accelerators
+        # the fused path sums in float64 and the foreach path documents the limit.
+        zero = (sq == 0).tolist()
+        if any(zero):
+            marks = [
+                bool(z and tensors[i].numel() > 0 and bool(tensors[i].ne(0).any()))
+                for i, z in enumerate(zero)
+            ]
+            if any(marks):
+                sq = torch.where(torch.tensor(marks), torch.full_like(sq, _SUBNORMAL32), sq)
+    return sq
 
 
 def tensor_dots(

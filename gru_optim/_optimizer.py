@@ -363,8 +363,14 @@ class GRUOptimizer(_Sides, Optimizer):
             return
         pending = self._pending
         if pending is not None:
-            if self._in_forget_closure and signature(self._trainable()) == pending.signature:
-                return
+            if self._in_forget_closure:
+                if signature(self._trainable()) == pending.signature:
+                    return
+                raise RuntimeError(
+                    "zero_grad() inside the forget closure after its backward would discard "
+                    "the forget gradient (and what the retain side left in .grad): call it "
+                    "first in the closure, before backward, or not at all"
+                )
             if not self._warned_dropped:
                 self._warned_dropped = True
                 warnings.warn(
@@ -378,6 +384,12 @@ class GRUOptimizer(_Sides, Optimizer):
         self._inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
+        if self.__dict__.get("_pending") is not None:
+            raise RuntimeError(
+                "copying or pickling a GRUOptimizer between retain_pass() and step(): the "
+                "copy's memory would be one fold ahead and its next step a plain one; copy "
+                "after step() (or before the retain pass)"
+            )
         # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
         # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
         # ``_opt_called``): a copy must step itself, not the original. A pending retain
@@ -401,8 +413,9 @@ class GRUOptimizer(_Sides, Optimizer):
         )
 
     # ------------------------------------------------------------------ retain side
-    @contextlib.contextmanager
-    def retain_pass(self, loss: Tensor | None = None) -> Iterator[RetainPass]:
+    def retain_pass(
+        self, loss: Tensor | None = None
+    ) -> contextlib.AbstractContextManager[RetainPass]:
         """Context in which the retain loss is back-propagated (the closure-free path).
 
         On entry the gradients are cleared (what is there belongs to no pass of this
@@ -417,6 +430,10 @@ class GRUOptimizer(_Sides, Optimizer):
                 loss.backward()
                 rp.record(loss)
         """
+        return _EagerContext(lambda: self._retain_pass(loss))
+
+    @contextlib.contextmanager
+    def _retain_pass(self, loss: Tensor | None) -> Iterator[RetainPass]:
         real = self._real()
         if real is not self:
             with real.retain_pass(loss) as handle:
@@ -446,8 +463,7 @@ class GRUOptimizer(_Sides, Optimizer):
         finally:
             self._in_retain_pass = False
 
-    @contextlib.contextmanager
-    def post_pass(self) -> Iterator[None]:
+    def post_pass(self) -> contextlib.AbstractContextManager[None]:
         """Context for a gradient added after rectification, unprojected (the authors'
         ``+KL``), in the closure-free path: between :meth:`retain_pass` and the forget
         loss's ``backward``::
@@ -464,6 +480,10 @@ class GRUOptimizer(_Sides, Optimizer):
         adds on top (``retain_weight`` is the special case of ``retain_weight`` times the
         retain gradient). An exception inside discards the retain pass.
         """
+        return _EagerContext(self._post_pass)
+
+    @contextlib.contextmanager
+    def _post_pass(self) -> Iterator[None]:
         real = self._real()
         if real is not self:
             with real.post_pass():
@@ -533,6 +553,23 @@ class GRUOptimizer(_Sides, Optimizer):
             )
         hypers = self._read_hyper()
         self._check_combinations(hypers)
+        # Everything that can be refused is refused here, before the retain side folds.
+        if self._closure_driven:
+            if closure is None:
+                raise RuntimeError(
+                    f"{type(self._inner).__name__} needs the forget closure: "
+                    "opt.step(forget_closure, retain_closure)"
+                )
+            if post_closure is not None:
+                raise ValueError(
+                    f"{type(self._inner).__name__} re-evaluates its closure inside step(): "
+                    "GRU supports it without a post_closure"
+                )
+        if post_closure is not None and self._rule.name == "cos_clip":
+            raise ValueError(
+                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
+                "separate from a post-rectification gradient kept in .grad"
+            )
         try:
             if retain_closure is not None:
                 with (
@@ -545,11 +582,7 @@ class GRUOptimizer(_Sides, Optimizer):
                 ):
                     record(check_loss(retain_closure(), "retain closure"))
             if self._closure_driven:
-                if closure is None:
-                    raise RuntimeError(
-                        f"{type(self._inner).__name__} needs the forget closure: "
-                        "opt.step(forget_closure, retain_closure)"
-                    )
+                assert closure is not None
                 return self._closure_driven_step(closure, hypers)
             if post_closure is not None:
                 with self._post_side() as record, torch.enable_grad():
@@ -596,8 +629,12 @@ class GRUOptimizer(_Sides, Optimizer):
         if real is not self:
             real.load_state_dict(state_dict)
             return
+        if self._pending is not None or self._in_retain_pass:
+            raise RuntimeError(
+                "load_state_dict() between retain_pass() and step(): the retain pass would "
+                "be lost silently; load before the retain pass (or after step())"
+            )
         load_state(self, state_dict)
-        self._discard_pending()
 
     # ------------------------------------------------------------------ introspection
     def retain_memory(self, p: Tensor) -> Tensor | None:
@@ -618,14 +655,55 @@ class GRUOptimizer(_Sides, Optimizer):
 # hang at exit now and then (torch 2.13), so the eager wrapper is made only once dynamo
 # is compiling. The function is marked as hooked: Optimizer.__init__ leaves it alone.
 _hooked = Optimizer.profile_hook_step(GRUOptimizer.step)
-_eager: list[Callable[..., Any]] = []
+_eager: dict[str, Callable[..., Any]] = {}
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def _disabled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if name not in _eager:
+        _eager[name] = torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+    return _eager[name]
+
+
+def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, run eagerly (a graph break) when dynamo is compiling."""
+    if torch.compiler.is_compiling():
+        return _disabled("call", _call)(fn, *args)
+    return fn(*args)
+
+
+class _EagerContext(contextlib.AbstractContextManager):  # type: ignore[type-arg]
+    """The retain and post passes as context managers whose entry and exit always run
+    eagerly: inside a compiled function their bookkeeping (the pending retain record,
+    the fold) would otherwise be traced and lost across graph breaks, and the next
+    ``step()`` would be a plain one."""
+
+    def __init__(self, make: Callable[[], contextlib.AbstractContextManager[Any]]) -> None:
+        self._make = make
+        self._cm: contextlib.AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> Any:
+        return _eagerly(self._enter)
+
+    def _enter(self) -> Any:
+        self._cm = self._make()
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return _eagerly(self._exit, *exc)
+
+    def _exit(self, *exc: Any) -> Any:
+        cm, self._cm = self._cm, None
+        assert cm is not None
+        return cm.__exit__(*exc)
 
 
 def _step(self: GRUOptimizer, *args: Any, **kwargs: Any) -> Any:
     if torch.compiler.is_compiling():
-        if not _eager:
-            _eager.append(torch.compiler.disable(_hooked))  # type: ignore[no-untyped-call]
-        return _eager[0](self, *args, **kwargs)
+        return _disabled("step", _hooked)(self, *args, **kwargs)
     return _hooked(self, *args, **kwargs)
 
 

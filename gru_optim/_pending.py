@@ -63,6 +63,9 @@ class GradWatch:
     def __init__(self, params: list[Tensor]) -> None:
         self._params = [p for p in params if getattr(p, "to_local", None) is None]
         self._versions = self._read()
+        # The gradient tensors that hold the kept part: backward accumulates into them in
+        # place, so another object there means ``.grad`` was replaced or set to None.
+        self._objects = {id(p): p.grad for p in self._params if p.grad is not None}
         self._queued = False
         self._handles = [
             p.register_post_accumulate_grad_hook(self._accumulated)  # type: ignore[no-untyped-call]
@@ -88,12 +91,16 @@ class GradWatch:
 
     def changed(self, allowed: int = 0) -> list[int]:
         """Indices (into the watched parameters) of gradients changed in place since the
-        last backward pass, beyond ``allowed`` extra version bumps."""
+        last backward pass, beyond ``allowed`` extra version bumps, or replaced (another
+        tensor, or ``None``, where the kept part was). A change through ``.data`` bumps
+        no version counter and is not seen."""
         out = []
         for i, p in enumerate(self._params):
             before = self._versions.get(id(p))
             now = None if p.grad is None else p.grad._version
             if before is not None and now is not None and now - before > allowed:
+                out.append(i)
+            elif id(p) in self._objects and p.grad is not self._objects[id(p)]:
                 out.append(i)
         return out
 
@@ -101,6 +108,7 @@ class GradWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._objects = {}
 
 
 @dataclass

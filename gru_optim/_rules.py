@@ -16,6 +16,7 @@ A new rule is one subclass here: its hyperparameters (param-group keys and defau
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -243,12 +244,7 @@ class Cone(Rule):
     name = "cone"
 
     def __init__(self, directions: int) -> None:
-        if (
-            isinstance(directions, bool)
-            or not isinstance(directions, int)
-            or not 1 <= directions <= 16
-        ):
-            raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
+        directions = _directions(directions)
         self.directions = directions
 
     def _columns(
@@ -338,14 +334,22 @@ class Cone(Rule):
             )
 
 
+def _directions(value: object) -> int:
+    """``directions`` validated: an integer of any integral type (numpy's too), 1 to 16."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"directions must be an integer from 1 to 16, got {value!r}")
+    if not 1 <= int(value) <= 16:
+        raise ValueError(f"directions must be an integer from 1 to 16, got {value!r}")
+    return int(value)
+
+
 def make_rule(
     *, directions: int = 1, cos_clip: float | None = None, rule: Rule | None = None
 ) -> Rule:
     """The rule the optimizers' keyword arguments select (validated): ``rule`` itself, the
     cone for ``directions > 1``, cos clip for a ``cos_clip`` threshold, else the paper's
     projection."""
-    if isinstance(directions, bool) or not isinstance(directions, int) or not 1 <= directions <= 16:
-        raise ValueError(f"directions must be an integer from 1 to 16, got {directions!r}")
+    directions = _directions(directions)
     if directions > 1 and (rule is not None or cos_clip is not None):
         raise ValueError("directions > 1 is the cone rule: give directions, cos_clip or rule")
     if rule is not None and cos_clip is not None:

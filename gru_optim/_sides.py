@@ -17,6 +17,7 @@ these in :meth:`~gru_optim.GRUOptimizer.step`.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,7 +44,7 @@ Closure = Callable[[], Any]
 
 def check_loss(loss: Any, what: str) -> Any:
     """A closure returns its scalar loss (or nothing)."""
-    if loss is None or (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+    if loss is None or (not isinstance(loss, bool) and isinstance(loss, numbers.Real)):
         return loss
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
@@ -104,6 +105,14 @@ class _Sides:
                 "separate from a retain_weight term kept in .grad: use retain_weight=0 "
                 "with cos_clip"
             )
+        if self.granularity == "global" and self._rule.hyperparameters:
+            values = [h.rule for h in hypers]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    f"the parameter groups share one segment (granularity='global') but "
+                    f"have different {sorted(values[0])}: use granularity='group' or the "
+                    "same values"
+                )
         if self._closure_driven and (weighted or self._amp.scaler is not None):
             raise ValueError(
                 f"{type(self._inner).__name__} re-evaluates its closure inside step(): GRU "
@@ -167,7 +176,9 @@ class _Sides:
         retain loss's gradient.
         """
         params = self._trainable()
-        for p in params:
+        # Every parameter's stale gradient goes, a frozen one's too: a gradient GRU wrote
+        # before the parameter was frozen would otherwise be stepped again and again.
+        for p in self._params():
             p.grad = None
         losses: list[Any] = []
         yield losses.append
@@ -339,11 +350,13 @@ class _Sides:
             changed = pending.watch.changed(allowed=1 if self._amp.caller_unscaled() else 0)
             if changed:
                 raise RuntimeError(
-                    f"{len(changed)} gradient(s) were changed in place (clipped?) after the "
-                    "backward passes and before step(), while part of the final gradient "
-                    "(retain_weight or a post pass) sits in .grad: the rectification would "
-                    "be wrong. Clip with GRUOptimizer(max_grad_norm=...) instead, which "
-                    "clips the rectified gradient right before the inner step"
+                    f"{len(changed)} gradient(s) were changed in place (clipped?) or "
+                    "replaced (p.grad = ..., or a module's zero_grad()) outside the "
+                    "backward passes between the retain side and step(), while part of the "
+                    "final gradient (retain_weight or a post pass) sits in .grad: the "
+                    "rectification would be wrong. Clip with GRUOptimizer(max_grad_norm=...) "
+                    "instead, which clips the rectified gradient right before the inner "
+                    "step, and zero gradients only through the optimizer's zero_grad()"
                 )
         self._amp.unscale_forget()
         with torch.no_grad():

@@ -8,6 +8,7 @@ accelerator; read them every N steps (e.g. from a Trainer callback), not every s
 from __future__ import annotations
 
 import enum
+import numbers
 from typing import Any
 
 import torch
@@ -76,9 +77,13 @@ def _nan(device: torch.device) -> Tensor:
 
 
 def _loss(loss: Any, device: torch.device) -> Tensor:
+    """The loss as a 0-dim tensor; NaN for what is not a scalar (a plain pass-through step
+    returns whatever the inner optimizer's closure returned, and is not refused for it)."""
     if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            return _nan(device)
         return loss.detach().reshape(()).to(device)
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+    if not isinstance(loss, bool) and isinstance(loss, numbers.Real):
         return torch.full((), float(loss), device=device)
     return _nan(device)
 
