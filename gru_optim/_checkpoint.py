@@ -83,12 +83,29 @@ def _check_groups(opt: GRUOptimizer, saved_groups: Any) -> None:
                 opt._rule.check(key, sg[key], where)
 
 
+# LBFGS's entry (kept in its first parameter's state): these keys appear as it runs.
+_LBFGS_CORE = frozenset({"func_evals", "n_iter"})
+_LBFGS_GROWN = frozenset(
+    {"al", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss"}
+)
+_LBFGS_KEYS = _LBFGS_CORE | _LBFGS_GROWN
+
+
 def _check_inner_entry(
     k: Any, p: Tensor, entry: dict[str, Any], current: dict[str, Any] | None, flat: set[int]
 ) -> None:
-    """The inner optimizer's entry for ``p`` must fit ``p`` and this optimizer class."""
+    """The inner optimizer's entry for ``p`` must fit ``p`` and this optimizer class.
+
+    The entry's keys must be the ones this optimizer keeps, except for the keys an
+    optimizer adds as it runs (LBFGS writes ``al`` only once it has a history): an older
+    checkpoint may lack those, never the others."""
     if current:
-        if set(current) != set(entry):
+        lbfgs_older = (
+            _LBFGS_CORE <= set(current)
+            and _LBFGS_CORE <= set(entry) <= _LBFGS_KEYS
+            and set(current) - set(entry) <= _LBFGS_GROWN
+        )
+        if set(current) != set(entry) and not lbfgs_older:
             raise ValueError(
                 f"state of parameter {k} has entries {sorted(entry)}, this optimizer keeps "
                 f"{sorted(current)}: the state dict comes from another optimizer"

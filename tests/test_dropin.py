@@ -542,6 +542,50 @@ def test_lbfgs_refuses_a_post_closure_and_a_missing_forget_closure_before_foldin
     assert_unchanged(before, model, opt)
 
 
+def test_an_early_lbfgs_checkpoint_loads_into_a_later_optimizer() -> None:
+    # LBFGS adds "al" to its state once it has a history: a checkpoint from its first
+    # step lacks it and was refused as "from another optimizer"; bare LBFGS loads it.
+    def make():
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2, 2))]
+        return ps, GRUOptimizer(torch.optim.LBFGS(ps, max_iter=1))
+
+    def run(ps, opt, steps):
+        for _ in range(steps):
+
+            def forget(ps=ps, opt=opt) -> Tensor:
+                opt.zero_grad()
+                loss = sum(p.sin().sum() for p in ps)
+                loss.backward()
+                return loss
+
+            def retain(ps=ps) -> Tensor:
+                loss = ((ps[0] - 1) ** 2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(forget, retain)
+
+    pa, a = make()
+    run(pa, a, 1)
+    early = copy.deepcopy(a.state_dict())
+    pc, c = make()
+    run(pc, c, 3)
+    assert "al" in c.state_dict()["state"][0] and "al" not in early["state"][0]
+    c.load_state_dict(early)
+    with torch.no_grad():
+        for p, q in zip(pc, pa):
+            p.copy_(q)
+    run(pa, a, 2)
+    run(pc, c, 2)
+    for p, q in zip(pc, pa):
+        assert torch.equal(p, q)
+    truncated = copy.deepcopy(early)
+    del truncated["state"][0]["n_iter"]
+    with pytest.raises(ValueError, match="another optimizer"):
+        c.load_state_dict(truncated)
+
+
 def test_lbfgs_state_dict_round_trips_with_a_one_dimensional_first_parameter() -> None:
     torch.manual_seed(0)
     bias = nn.Parameter(torch.randn(3))
