@@ -48,8 +48,10 @@ def fold(
         w = tl.load(gammas + t).to(C)
         g = tl.load(gp + offs, mask=mask, other=0.0).to(C)
         m = tl.load(mp + offs, mask=mask, other=0.0).to(C)
-        # torch.lerp's formula, so that the fused and foreach paths round alike
+        # torch.lerp's formula, so that the fused and foreach paths round alike; gamma = 1
+        # is a copy, as on the foreach path (g - m may overflow, and inf * 0 is NaN)
         new = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
+        new = tl.where(w == 1.0, g, new)
         tl.store(mp + offs, new.to(M), mask=mask)
 
 

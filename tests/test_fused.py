@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -109,6 +110,17 @@ def test_projection_reads_coefficient_views_correctly(layout) -> None:
     project_(gb, m, coefs.contiguous(), fused=False)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
+
+
+def test_a_gamma_one_fold_is_a_copy_even_where_g_minus_m_overflows() -> None:
+    big = torch.finfo(torch.float32).max
+    m = [torch.tensor([-big, big, 0.5])]
+    g = [torch.tensor([big, -big, 1.0])]
+    with warnings.catch_warnings():
+        # the interpreter evaluates the discarded lerp branch in NumPy, which warns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ema_update_(m, g, 1.0, fused=True)
+    assert torch.equal(m[0], g[0])  # the lerp formula gave [nan, nan, 1.0]
 
 
 def test_device_gates_change_nothing() -> None:
