@@ -565,11 +565,8 @@ class GRUOptimizer(_Sides, Optimizer):
                     f"{type(self._inner).__name__} re-evaluates its closure inside step(): "
                     "GRU supports it without a post_closure"
                 )
-        if post_closure is not None and self._rule.name == "cos_clip":
-            raise ValueError(
-                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
-                "separate from a post-rectification gradient kept in .grad"
-            )
+        if post_closure is not None:
+            self._check_post()
         try:
             if retain_closure is not None:
                 with (

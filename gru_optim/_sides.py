@@ -119,6 +119,14 @@ class _Sides:
                 "supports it with retain_weight=0 and without grad_scaler"
             )
 
+    def _check_post(self) -> None:
+        """A post-rectification pass is possible with this rule (raises otherwise)."""
+        if isinstance(self._rule, CosClip):
+            raise ValueError(
+                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
+                "separate from a post-rectification gradient kept in .grad"
+            )
+
     def _params(self) -> list[Tensor]:
         seen: set[int] = set()
         out = []
@@ -195,11 +203,7 @@ class _Sides:
                 "a post-rectification pass needs a retain side first: retain_pass() (or a "
                 "retain_closure), then the post pass, then the forget backward and step()"
             )
-        if isinstance(self._rule, CosClip):
-            raise ValueError(
-                "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
-                "separate from a post-rectification gradient kept in .grad"
-            )
+        self._check_post()
         if signature(params) != pending.signature:
             raise RuntimeError(
                 "the post-rectification pass must run right after the retain side and "
