@@ -20,11 +20,14 @@ retain norm is what lets the fold be skipped on the device: without it the fold 
 not be undone). Sums accumulate in float64 inside each block and across blocks, in a
 fixed order: the result is exact for every finite float32 input and deterministic.
 
+On CPU tensors the same four passes run as C++ (:mod:`gru_optim._native`, built on first
+use with the system compiler), unless Triton's interpreter is asked for.
+
 Decisions never leave the device: the fold reads a 0-dim ``gate`` (fold only when it is
 true) and the projection a 0-dim ``skip`` flag, both written by earlier kernels or torch
-ops. Triton is imported only when a fused pass runs. On CPU tensors the same kernels run
-under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported): that is
-how they are tested without a GPU.
+ops. Triton is imported only when a fused pass runs. With ``TRITON_INTERPRET=1`` (set
+before Triton is imported) CPU tensors run the Triton kernels under Triton's interpreter:
+that is how they are tested without a GPU.
 """
 
 from __future__ import annotations
@@ -39,10 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _native
+
 __all__ = [
     "fold_",
     "fused_available",
     "fused_reason",
+    "interpreting",
     "project_",
     "device_floats",
     "stats",
@@ -53,21 +59,26 @@ _BLOCK_GPU = 4096
 _BLOCK_CPU = 1 << 16  # the interpreter runs one NumPy program per block: fewer, larger
 
 
+def interpreting() -> bool:
+    """Whether Triton's interpreter is asked for (Triton's own reading of the flag, its
+    ``knobs.env_bool``): then CPU tensors run the Triton kernels, else the C++ ones."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _native_cpu(t: Tensor) -> bool:
+    """Whether a pass over CPU tensors runs the C++ kernels (:mod:`gru_optim._native`)."""
+    return t.device.type == "cpu" and not interpreting()
+
+
 def fused_reason(device: torch.device) -> str | None:
-    """Why the fused path cannot run on ``device`` (``None``: it can)."""
+    """Why the Triton kernels cannot run on ``device`` (``None``: they can): what
+    ``fused=True`` needs."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install 'gru-optim[triton]')"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        # Triton's own reading of the flag (its knobs.env_bool).
-        if os.environ.get("TRITON_INTERPRET", "").strip().lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-            "y",
-        ):
+        if interpreting():
             return None
         return (
             "fused=True on CPU tensors runs Triton's interpreter, which needs "
@@ -166,6 +177,8 @@ def _reduce(plan: _Plan, partials: Tensor, ncol: int) -> Tensor:
 
 def sum_squares(tensors: Sequence[Tensor]) -> Tensor:
     """``|t|^2`` of every tensor (one group: same device and dtype), float64."""
+    if _native_cpu(tensors[0]):
+        return _native.sum_squares(tensors)
     k = _kernels()
     plan = _plan([tensors])
     part = torch.empty(plan.n_blocks, dtype=torch.float64, device=tensors[0].device)
@@ -183,6 +196,8 @@ def sum_squares(tensors: Sequence[Tensor]) -> Tensor:
 
 def stats(grads: Sequence[Tensor], ema: Sequence[Tensor]) -> Tensor:
     """``(n, 3)`` float64: ``<g, m>``, ``|g|^2``, ``|m|^2`` per tensor pair, one pass."""
+    if _native_cpu(grads[0]):
+        return _native.stats(grads, ema)
     k = _kernels()
     plan = _plan([grads, ema])
     part = torch.empty((plan.n_blocks, 3), dtype=torch.float64, device=grads[0].device)
@@ -237,6 +252,9 @@ def _elementwise(name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *arg
 
 def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
     """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+    if _native_cpu(grads[0]):
+        _native.fold_(ema, grads, gammas, gate)
+        return
     _elementwise("fold", grads, ema, gammas.contiguous(), gate.to(torch.int32))
 
 
@@ -245,4 +263,7 @@ def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip
 
     ``coefs`` may be any 1-D view (an expanded global coefficient has stride 0): the kernel
     reads a dense table, so it is made contiguous here."""
+    if _native_cpu(grads[0]):
+        _native.project_(grads, ema, coefs, skip)
+        return
     _elementwise("project", grads, ema, coefs.contiguous(), skip.to(torch.int32))

@@ -107,9 +107,12 @@ class GRUOptimizer(_Sides, Optimizer):
             group, sums in float64, skip decisions on the device: no host
             synchronisation in a step with a fused torch inner optimizer, at most one
             otherwise). ``None``: on CUDA when Triton is importable and the rule has a
-            fused path (the projection and cos clip in gradient space); ``True`` on CPU
-            tensors runs the kernels under Triton's interpreter and needs
-            ``TRITON_INTERPRET=1``; ``False``: the foreach path.
+            fused path (the projection and cos clip in gradient space), and on CPU the
+            same passes as compiled C++ (``gru_optim._native``, built on first use with
+            the system compiler; the foreach path where none is found, and while
+            ``TRITON_INTERPRET=1`` is set); ``True`` on CPU tensors runs the Triton
+            kernels under Triton's interpreter and needs ``TRITON_INTERPRET=1``;
+            ``False``: the foreach path. :attr:`kernels` says which path runs.
         grad_scaler: the ``torch.amp.GradScaler`` (or FSDP's ``ShardedGradScaler``) whose
             ``scaler.scale(loss).backward()`` produced the gradients (fp16 training).
             GRU then unscales the retain gradient before it enters the memory and the
@@ -223,15 +226,23 @@ class GRUOptimizer(_Sides, Optimizer):
             raise TypeError(f"fused must be None, True or False, got {fused!r}")
         if fused is False:
             return False
-        from ._fused import fused_reason
+        from ._fused import fused_reason, interpreting
+        from ._native import native_reason
 
         params = [p for g in optimizer.param_groups for p in g["params"]]
         devices = {p.device for p in params}
         supported = isinstance(self._rule, OneDirection) and self.space == "gradient"
-        reason = None if len(devices) == 1 else "the parameters are on several devices"
-        reason = reason or fused_reason(next(iter(devices)))
+        several = len(devices) != 1
+        reason = "the parameters are on several devices" if several else None
         if fused is None:
-            return reason is None and supported and next(iter(devices)).type == "cuda"
+            if several or not supported:
+                return False
+            device = next(iter(devices))
+            if device.type == "cpu":
+                # The C++ kernels; Triton's interpreter is a test harness, not a fast path.
+                return not interpreting() and native_reason() is None
+            return device.type == "cuda" and fused_reason(device) is None
+        reason = reason or fused_reason(next(iter(devices)))
         if not supported:
             raise ValueError(
                 "fused=True runs the projection and cos clip in gradient space; GRU-k "
@@ -259,6 +270,20 @@ class GRUOptimizer(_Sides, Optimizer):
     @last_stats.setter
     def last_stats(self, value: dict[str, Tensor]) -> None:
         self._real().__dict__["_last_stats"] = value
+
+    @property
+    def kernels(self) -> str:
+        """Which path the projection's passes run: ``"triton"`` (the fused kernels, on a
+        GPU or under Triton's interpreter), ``"cpu"`` (the same passes as compiled C++)
+        or ``"foreach"`` (torch's multi-tensor operations: GRU-k, update space, custom
+        rules, ``fused=False``, or no compiler)."""
+        real = self._real()
+        if not real._fused:
+            return "foreach"
+        from ._fused import interpreting
+
+        dev = real._stats_device([p for g in real.param_groups for p in g["params"]])
+        return "cpu" if dev.type == "cpu" and not interpreting() else "triton"
 
     # ------------------------------------------------------------------ delegation
     @property

@@ -12,6 +12,7 @@ The network has, on purpose, one parameter of every kind GRU must handle:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +25,11 @@ from torch import Tensor, nn
 
 # The fused Triton kernels run on CPU tensors under Triton's interpreter, which must be
 # switched on before anything imports Triton (tests/test_fused.py; importing torch does
-# not import Triton).
+# not import Triton). The kernels are defined (decorated) here, while the flag is set:
+# tests of the CPU's C++ passes remove the flag, and torch may import Triton during them.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if importlib.util.find_spec("triton") is not None:
+    import gru_optim._triton_kernels  # noqa: F401
 
 settings.register_profile(
     "gru",

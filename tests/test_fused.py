@@ -1,6 +1,8 @@
-"""The fused Triton kernels, run on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``, set by conftest.py): the same kernels a GPU runs, compared with
-the foreach path on random shapes, dtypes, segment layouts, and the optimizer end to end."""
+"""The fused kernels compared with the foreach path on random shapes, dtypes, segment
+layouts, and the optimizer end to end, for both implementations of their contract (the
+``kernels`` fixture): the Triton kernels a GPU runs, on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``, set by conftest.py), and the CPU's compiled C++
+passes (gru_optim/_native.py; the interpreter flag removed for the test)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import warnings
 import pytest
 import torch
 from conftest import assert_params_close, closures, make_inner, make_net, snapshot
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gru_optim import GRUOptimizer, SkipReason
 from gru_optim import _fused as FU
+from gru_optim._native import native_reason
 from gru_optim.functional import ema_update_, project_, segment_stats, tensor_sq_norms
 
 
@@ -25,6 +28,32 @@ def test_the_interpreter_is_available() -> None:
     # make test installs the triton extra and conftest.py sets TRITON_INTERPRET=1: the
     # tests below run the real kernels (they are never skipped).
     assert FU.fused_reason(torch.device("cpu")) is None
+
+
+def test_the_cpu_kernels_are_built() -> None:
+    # make test builds them (g++): the "cpu" cases below run the real C++ passes.
+    assert native_reason() is None
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def kernels(request, monkeypatch) -> str:
+    """Which implementation the fused passes run: Triton (interpreted) or the C++ passes."""
+    if request.param == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param
+
+
+def fused_opt(kernels: str, inner, **kw) -> GRUOptimizer:
+    """A GRUOptimizer on the fused path of ``kernels``: ``fused=True`` for Triton (the
+    interpreter), the default ``fused=None`` for the CPU's C++ passes."""
+    opt = GRUOptimizer(inner, fused=True if kernels == "triton" else None, **kw)
+    assert opt._fused and opt.kernels == kernels
+    return opt
+
+
+FIXTURE_OK = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 DTYPES = [
@@ -65,9 +94,9 @@ def lists(draw):
     return g, m, mem, segments, gd
 
 
-@settings(max_examples=25, deadline=None)
+@FIXTURE_OK
 @given(lists())
-def test_stats_match_the_foreach_path(problem) -> None:
+def test_stats_match_the_foreach_path(kernels, problem) -> None:
     g, _, mem, segments, gd = problem
     a = segment_stats(g, mem, segments, fused=True)
     b = segment_stats(g, mem, segments, fused=False)
@@ -77,9 +106,9 @@ def test_stats_match_the_foreach_path(problem) -> None:
     assert bool(a.in_range.all())
 
 
-@settings(max_examples=25, deadline=None)
+@FIXTURE_OK
 @given(lists(), st.floats(0.05, 1.0))
-def test_fold_and_projection_match_the_foreach_path(problem, gamma) -> None:
+def test_fold_and_projection_match_the_foreach_path(kernels, problem, gamma) -> None:
     g, m, _, _, gd = problem
     ma, mb = [x.clone() for x in m], [x.clone() for x in m]
     ema_update_(ma, g, gamma, fused=True)
@@ -96,7 +125,7 @@ def test_fold_and_projection_match_the_foreach_path(problem, gamma) -> None:
 
 
 @pytest.mark.parametrize("layout", ["expanded", "strided"])
-def test_projection_reads_coefficient_views_correctly(layout) -> None:
+def test_projection_reads_coefficient_views_correctly(kernels, layout) -> None:
     # A global coefficient reaches the kernel as ``coef.expand(n)`` (stride 0): the kernel
     # must not read past a one-element buffer (it did, and left tensors unprojected).
     g = [torch.randn(30), torch.randn(4, 5), torch.randn(7)]
@@ -112,7 +141,7 @@ def test_projection_reads_coefficient_views_correctly(layout) -> None:
         torch.testing.assert_close(x, y)
 
 
-def test_a_gamma_one_fold_is_a_copy_even_where_g_minus_m_overflows() -> None:
+def test_a_gamma_one_fold_is_a_copy_even_where_g_minus_m_overflows(kernels) -> None:
     big = torch.finfo(torch.float32).max
     m = [torch.tensor([-big, big, 0.5])]
     g = [torch.tensor([big, -big, 1.0])]
@@ -123,7 +152,7 @@ def test_a_gamma_one_fold_is_a_copy_even_where_g_minus_m_overflows() -> None:
     assert torch.equal(m[0], g[0])  # the lerp formula gave [nan, nan, 1.0]
 
 
-def test_device_gates_change_nothing() -> None:
+def test_device_gates_change_nothing(kernels) -> None:
     g = [torch.randn(100), torch.randn(7, 3)]
     m = [torch.randn(100), torch.randn(7, 3)]
     before = [x.clone() for x in m]
@@ -172,12 +201,12 @@ def test_one_launch_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None
     ],
     ids=["global", "tensor", "retain_weight", "cos_clip", "clip", "bf16"],
 )
-def test_fused_optimizer_matches_the_foreach_path(inner, kw) -> None:
+def test_fused_optimizer_matches_the_foreach_path(kernels, inner, kw) -> None:
     a = make_net(torch.float32)
     b = copy.deepcopy(a)
-    oa = GRUOptimizer(make_inner(inner, a), fused=True, **kw)
+    oa = fused_opt(kernels, make_inner(inner, a), **kw)
     ob = GRUOptimizer(make_inner(inner, b), fused=False, **kw)
-    assert oa._fused and not ob._fused
+    assert not ob._fused and ob.kernels == "foreach"
     # A bfloat16 memory rounds differently (one rounding of the fused lerp against two of
     # the foreach path's multiply-add): its 2**-8 precision sets the tolerance.
     rtol, atol = (2e-2, 2e-3) if kw.get("ema_dtype") == torch.bfloat16 else (1e-4, 1e-6)
@@ -193,9 +222,9 @@ def test_fused_optimizer_matches_the_foreach_path(inner, kw) -> None:
 
 @pytest.mark.parametrize("inner", ["adamw_fused", "sgd_momentum"])
 @pytest.mark.parametrize("where", ["retain", "forget"])
-def test_fused_path_skips_on_the_device(inner, where) -> None:
+def test_fused_path_skips_on_the_device(kernels, inner, where) -> None:
     model = make_net(torch.float32)
-    opt = GRUOptimizer(make_inner(inner, model), fused=True)
+    opt = fused_opt(kernels, make_inner(inner, model))
     for t in range(2):
         opt.step(*closures(model, t))
     assert opt._device_skip == (inner == "adamw_fused")
@@ -242,9 +271,18 @@ def test_fused_true_is_refused_where_it_cannot_run() -> None:
     assert "TRITON_INTERPRET=1" in out
 
 
-def test_fused_none_picks_the_foreach_path_on_the_cpu() -> None:
+def test_fused_none_on_the_cpu_picks_the_cpu_kernels_but_not_the_interpreter(
+    monkeypatch,
+) -> None:
+    # The interpreter is a test harness: with TRITON_INTERPRET=1 the default stays foreach.
     opt = GRUOptimizer(make_inner("adam", make_net(torch.float32)))
-    assert opt._fused is False
+    assert opt._fused is False and opt.kernels == "foreach"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert GRUOptimizer(make_inner("adam", make_net(torch.float32))).kernels == "cpu"
+    # Paths without a fused form, and fused=False, stay on the foreach path.
+    for kw in ({"directions": 2}, {"space": "update"}, {"fused": False}):
+        opt = GRUOptimizer(make_inner("adam", make_net(torch.float32)), **kw)
+        assert opt.kernels == "foreach", kw
 
 
 def _shared_model() -> torch.nn.Module:
@@ -274,10 +312,10 @@ def _shared_closures(model, t):
 
 
 @pytest.mark.parametrize("kw", [{}, {"cos_clip": -0.5}, {"retain_weight": 0.5}])
-def test_fused_global_projection_when_every_parameter_has_a_memory(kw) -> None:
+def test_fused_global_projection_when_every_parameter_has_a_memory(kernels, kw) -> None:
     a = _shared_model()
     b = copy.deepcopy(a)
-    oa = GRUOptimizer(torch.optim.SGD(a.parameters(), lr=0.5), fused=True, **kw)
+    oa = fused_opt(kernels, torch.optim.SGD(a.parameters(), lr=0.5), **kw)
     ob = GRUOptimizer(torch.optim.SGD(b.parameters(), lr=0.5), fused=False, **kw)
     conflicts = 0
     for t in range(4):
@@ -297,12 +335,12 @@ def test_fused_global_projection_when_every_parameter_has_a_memory(kw) -> None:
     ],
     ids=["sgd_fused", "adamw_fused"],
 )
-def test_a_skipped_first_step_leaves_a_fused_inner_optimizer_empty(make) -> None:
+def test_a_skipped_first_step_leaves_a_fused_inner_optimizer_empty(kernels, make) -> None:
     # torch's fused optimizers create their state before they read found_inf: the first
     # step of a parameter is skipped on the host, so no uninitialised buffer is left.
     model = _shared_model()
     ref = copy.deepcopy(model)
-    opt = GRUOptimizer(make(list(model.parameters())), fused=True)
+    opt = fused_opt(kernels, make(list(model.parameters())))
     ref_opt = GRUOptimizer(make(list(ref.parameters())), fused=False)
     before = [p.detach().clone() for p in model.parameters()]
 

@@ -1,0 +1,352 @@
+// GRU's passes on CPU tensors: one call per pass over every tensor of a group, threaded
+// over fixed chunks of elements. The same contract as the Triton kernels
+// (gru_optim/_fused.py): sums accumulate in float64, per chunk and then per tensor in chunk
+// order, so a result does not depend on the number of threads; elementwise passes compute
+// in float32 (float64 when a tensor is float64) and round once into the stored dtype.
+//
+// Built on first use by gru_optim/_native.py with the system C++ compiler (GCC or Clang:
+// vector extensions, _Float16) and loaded with ctypes: C++17, no Python or torch headers.
+// Dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = int64_t(1) << 15;  // elements per unit of work
+constexpr int64_t kSerial = int64_t(1) << 16;  // below this many elements: no threads
+
+struct bf16 {
+  uint16_t x;
+};
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  // Round to nearest even, as torch's c10::BFloat16 does (NaN becomes a quiet NaN).
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+template <class S>
+struct IO;
+
+template <>
+struct IO<float> {
+  template <class C>
+  static inline C ld(const float* p) { return C(*p); }
+  template <class C>
+  static inline void st(float* p, C v) { *p = float(v); }
+};
+
+template <>
+struct IO<double> {
+  template <class C>
+  static inline C ld(const double* p) { return C(*p); }
+  template <class C>
+  static inline void st(double* p, C v) { *p = double(v); }
+};
+
+template <>
+struct IO<bf16> {
+  template <class C>
+  static inline C ld(const bf16* p) { return C(bf16_to_float(p->x)); }
+  template <class C>
+  static inline void st(bf16* p, C v) { p->x = float_to_bf16(float(v)); }
+};
+
+template <>
+struct IO<_Float16> {
+  template <class C>
+  static inline C ld(const _Float16* p) { return C(float(*p)); }
+  template <class C>
+  static inline void st(_Float16* p, C v) { *p = _Float16(float(v)); }
+};
+
+template <class C>
+inline C fmadd(C a, C b, C c) {
+#ifdef __FMA__
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+struct Piece {
+  int64_t tensor, start, len;
+};
+
+std::vector<Piece> pieces(int64_t n, const int64_t* sizes) {
+  std::vector<Piece> out;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t s = 0; s < sizes[i]; s += kChunk)
+      out.push_back({i, s, sizes[i] - s < kChunk ? sizes[i] - s : kChunk});
+  return out;
+}
+
+// Runs fn(k) for every piece k, split into contiguous ranges over `threads` threads.
+template <class F>
+void parallel(const std::vector<Piece>& ps, int threads, const F& fn) {
+  int64_t total = 0;
+  for (const Piece& p : ps) total += p.len;
+  int64_t np = int64_t(ps.size());
+  int t = threads < 1 ? 1 : threads;
+  if (t > np) t = int(np);
+  if (t <= 1 || total < kSerial) {
+    for (int64_t k = 0; k < np; ++k) fn(k);
+    return;
+  }
+  auto range = [&](int r) {
+    int64_t lo = np * r / t, hi = np * (r + 1) / t;
+    for (int64_t k = lo; k < hi; ++k) fn(k);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  for (int r = 1; r < t; ++r) pool.emplace_back(range, r);
+  range(0);
+  for (std::thread& th : pool) th.join();
+}
+
+// Per tensor: the sum of its pieces' partials (ncol columns), in piece order.
+void reduce(const std::vector<Piece>& ps, const std::vector<double>& part, int ncol, int64_t n,
+            double* out) {
+  for (int64_t i = 0; i < n * ncol; ++i) out[i] = 0.0;
+  for (size_t k = 0; k < ps.size(); ++k)
+    for (int c = 0; c < ncol; ++c) out[ps[k].tensor * ncol + c] += part[k * ncol + c];
+}
+
+// The sums: float64 accumulators in 4-lane vectors (GCC/Clang vector extensions), several
+// independent ones per sum so that the additions' latency does not bound the loop; each
+// element is widened to float64 exactly before it is multiplied. The order is fixed:
+// results are deterministic.
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef uint16_t v4s __attribute__((vector_size(8)));
+typedef _Float16 v4h __attribute__((vector_size(8)));
+
+template <class X>
+inline v4d load4(const X* p);
+
+template <>
+inline v4d load4<float>(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, v4d);
+}
+
+template <>
+inline v4d load4<double>(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <>
+inline v4d load4<bf16>(const bf16* p) {
+  v4s h;
+  std::memcpy(&h, p, sizeof h);
+  v4u u = __builtin_convertvector(h, v4u) << 16;
+  v4f f;
+  std::memcpy(&f, &u, sizeof f);
+  return __builtin_convertvector(f, v4d);
+}
+
+template <>
+inline v4d load4<_Float16>(const _Float16* p) {
+  v4h h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(__builtin_convertvector(h, v4f), v4d);
+}
+
+inline double hsum(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+template <class X>
+void sumsq_piece(const X* x, int64_t len, double* out) {
+  v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    v4d x0 = load4(x + i), x1 = load4(x + i + 4), x2 = load4(x + i + 8), x3 = load4(x + i + 12);
+    a0 += x0 * x0;
+    a1 += x1 * x1;
+    a2 += x2 * x2;
+    a3 += x3 * x3;
+  }
+  double t = 0.0;
+  for (; i < len; ++i) {
+    double v = IO<X>::template ld<double>(x + i);
+    t += v * v;
+  }
+  out[0] = (hsum(a0) + hsum(a1)) + (hsum(a2) + hsum(a3)) + t;
+}
+
+template <class G, class M>
+void stats_piece(const G* g, const M* m, int64_t len, double* out) {
+  v4d d0 = {0, 0, 0, 0}, d1 = d0, gg0 = d0, gg1 = d0, mm0 = d0, mm1 = d0;
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    v4d x0 = load4(g + i), x1 = load4(g + i + 4);
+    v4d y0 = load4(m + i), y1 = load4(m + i + 4);
+    d0 += x0 * y0;
+    d1 += x1 * y1;
+    gg0 += x0 * x0;
+    gg1 += x1 * x1;
+    mm0 += y0 * y0;
+    mm1 += y1 * y1;
+  }
+  double a = 0.0, b = 0.0, c = 0.0;
+  for (; i < len; ++i) {
+    double x = IO<G>::template ld<double>(g + i);
+    double y = IO<M>::template ld<double>(m + i);
+    a += x * y;
+    b += x * x;
+    c += y * y;
+  }
+  out[0] = hsum(d0) + hsum(d1) + a;
+  out[1] = hsum(gg0) + hsum(gg1) + b;
+  out[2] = hsum(mm0) + hsum(mm1) + c;
+}
+
+template <class G, class M, class C>
+void fold_piece(const G* g, M* m, int64_t len, C w) {
+  if (w == C(1)) {  // a copy, as on the foreach path (g - m may overflow)
+    for (int64_t i = 0; i < len; ++i) IO<M>::st(m + i, IO<G>::template ld<C>(g + i));
+  } else if (w < C(0.5)) {  // torch.lerp's formula, so that the paths round alike
+    for (int64_t i = 0; i < len; ++i) {
+      C x = IO<G>::template ld<C>(g + i), y = IO<M>::template ld<C>(m + i);
+      IO<M>::st(m + i, fmadd(w, x - y, y));
+    }
+  } else {
+    C omw = C(1) - w;
+    for (int64_t i = 0; i < len; ++i) {
+      C x = IO<G>::template ld<C>(g + i), y = IO<M>::template ld<C>(m + i);
+      IO<M>::st(m + i, fmadd(-omw, x - y, x));
+    }
+  }
+}
+
+template <class G, class M, class C>
+void project_piece(G* g, const M* m, int64_t len, C c) {
+  for (int64_t i = 0; i < len; ++i) {
+    C x = IO<G>::template ld<C>(g + i), y = IO<M>::template ld<C>(m + i);
+    IO<G>::st(g + i, fmadd(-c, y, x));
+  }
+}
+
+// Calls f.template operator()<G>() with the type of dtype code `code`.
+template <class F>
+bool with_type(int code, F&& f) {
+  switch (code) {
+    case 0: f(float{}); return true;
+    case 1: f(double{}); return true;
+    case 2: f(bf16{}); return true;
+    case 3: f(_Float16{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int gru_cpu_abi() { return 1; }
+
+int gru_cpu_sumsq(int64_t n, void* const* x, const int64_t* sizes, int xt, double* out,
+                  int threads) {
+  std::vector<Piece> ps = pieces(n, sizes);
+  std::vector<double> part(ps.size());
+  bool ok = with_type(xt, [&](auto tx) {
+    using X = decltype(tx);
+    parallel(ps, threads, [&](int64_t k) {
+      const Piece& p = ps[k];
+      sumsq_piece(static_cast<const X*>(x[p.tensor]) + p.start, p.len, &part[k]);
+    });
+  });
+  if (!ok) return 1;
+  reduce(ps, part, 1, n, out);
+  return 0;
+}
+
+int gru_cpu_stats(int64_t n, void* const* g, void* const* m, const int64_t* sizes, int gt, int mt,
+                  double* out, int threads) {
+  std::vector<Piece> ps = pieces(n, sizes);
+  std::vector<double> part(ps.size() * 3);
+  bool ok = false;
+  with_type(gt, [&](auto tg) {
+    ok = with_type(mt, [&](auto tm) {
+      using G = decltype(tg);
+      using M = decltype(tm);
+      parallel(ps, threads, [&](int64_t k) {
+        const Piece& p = ps[k];
+        stats_piece(static_cast<const G*>(g[p.tensor]) + p.start,
+                    static_cast<const M*>(m[p.tensor]) + p.start, p.len, &part[3 * k]);
+      });
+    });
+  });
+  if (!ok) return 1;
+  reduce(ps, part, 3, n, out);
+  return 0;
+}
+
+int gru_cpu_fold(int64_t n, void* const* g, void* const* m, const int64_t* sizes, int gt, int mt,
+                 const double* gammas, const int32_t* gate, int threads) {
+  if (*gate == 0) return 0;
+  std::vector<Piece> ps = pieces(n, sizes);
+  bool wide = gt == 1 || mt == 1, ok = false;
+  with_type(gt, [&](auto tg) {
+    ok = with_type(mt, [&](auto tm) {
+      using G = decltype(tg);
+      using M = decltype(tm);
+      parallel(ps, threads, [&](int64_t k) {
+        const Piece& p = ps[k];
+        const G* gp = static_cast<const G*>(g[p.tensor]) + p.start;
+        M* mp = static_cast<M*>(m[p.tensor]) + p.start;
+        if (wide)
+          fold_piece<G, M, double>(gp, mp, p.len, gammas[p.tensor]);
+        else
+          fold_piece<G, M, float>(gp, mp, p.len, float(gammas[p.tensor]));
+      });
+    });
+  });
+  return ok ? 0 : 1;
+}
+
+int gru_cpu_project(int64_t n, void* const* g, void* const* m, const int64_t* sizes, int gt,
+                    int mt, const double* coefs, const int32_t* skip, int threads) {
+  if (*skip != 0) return 0;
+  std::vector<Piece> all = pieces(n, sizes), ps;
+  bool wide = gt == 1 || mt == 1, ok = false;
+  for (const Piece& p : all) {
+    double c = wide ? coefs[p.tensor] : double(float(coefs[p.tensor]));
+    if (c != 0.0) ps.push_back(p);
+  }
+  with_type(gt, [&](auto tg) {
+    ok = with_type(mt, [&](auto tm) {
+      using G = decltype(tg);
+      using M = decltype(tm);
+      parallel(ps, threads, [&](int64_t k) {
+        const Piece& p = ps[k];
+        G* gp = static_cast<G*>(g[p.tensor]) + p.start;
+        const M* mp = static_cast<const M*>(m[p.tensor]) + p.start;
+        if (wide)
+          project_piece<G, M, double>(gp, mp, p.len, coefs[p.tensor]);
+        else
+          project_piece<G, M, float>(gp, mp, p.len, float(coefs[p.tensor]));
+      });
+    });
+  });
+  return ok ? 0 : 1;
+}
+
+}  // extern "C"

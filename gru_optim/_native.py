@@ -1,0 +1,278 @@
+"""GRU's passes on CPU tensors as compiled C++ (``_csrc/gru_cpu.cpp``): the CPU's fused path.
+
+The same four functions as the Triton kernels of :mod:`gru_optim._fused` (and the same
+contract: one call per pass over all tensors of a group, sums in float64 in a fixed order
+that does not depend on the number of threads, decisions read from 0-dim tensors), for CPU
+tensors without Triton. A pass is one C++ call over every tensor of the group, threaded
+over fixed chunks of elements with ``torch.get_num_threads()`` threads.
+
+The library is built on first use with the system C++ compiler (``$CXX``, else ``c++`` or
+``g++``; plain C++17, no Python or torch headers, about 15 s) and cached by the hash of its
+source, the compiler and the CPU under ``$GRU_OPTIM_CACHE`` (default
+``~/.cache/gru_optim``). Where no compiler is found or the build fails, :func:`native_reason`
+says why and ``GRUOptimizer`` uses the foreach path. ``GRU_OPTIM_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["build", "fold_", "native_reason", "project_", "stats", "sum_squares"]
+
+_SOURCE = Path(__file__).with_name("_csrc") / "gru_cpu.cpp"
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_ABI = 1
+_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("GRU_OPTIM_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gru_optim"
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> Path:
+    """Compile the library (or find it in the cache) and return its path."""
+    version = subprocess.run(
+        [cxx, "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            x.encode()
+            for x in (_SOURCE.read_text(), cxx, version, " ".join(_FLAGS), _cpu_id(), str(_ABI))
+        )
+    ).hexdigest()[:16]
+    out = _cache_dir() / f"gru_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed into place: processes that build at the
+    # same time (two ranks) never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run(
+            [cxx, *_FLAGS, "-o", tmp, str(_SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {(res.stderr or res.stdout).strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _load() -> tuple[Any, str | None]:
+    """The loaded library, or ``None`` and why not."""
+    if os.environ.get("GRU_OPTIM_NATIVE", "").strip().lower() in ("0", "false", "no", "off", "n"):
+        return None, "the CPU kernels are turned off (GRU_OPTIM_NATIVE=0)"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found (set CXX) to build the CPU kernels"
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"the CPU kernels could not be built: {e}"
+    if lib.gru_cpu_abi() != _ABI:
+        return None, "the cached CPU kernels are of another version"
+    for name, args in {
+        "gru_cpu_sumsq": [_I64, _P, _P, _INT, _P, _INT],
+        "gru_cpu_stats": [_I64, _P, _P, _P, _INT, _INT, _P, _INT],
+        "gru_cpu_fold": [_I64, _P, _P, _P, _INT, _INT, _P, _P, _INT],
+        "gru_cpu_project": [_I64, _P, _P, _P, _INT, _INT, _P, _P, _INT],
+    }.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = _INT
+    return lib, None
+
+
+def native_reason() -> str | None:
+    """Why the CPU kernels cannot run (``None``: they can). Builds them on first call."""
+    return _load()[1]
+
+
+def build() -> None:
+    """Build the CPU kernels now (``make`` does, so that no test waits for the compiler);
+    raises if they cannot be built."""
+    reason = native_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _lib() -> Any:
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(reason)
+    return lib
+
+
+class _Tables:
+    """Pointer and size tables of lists of tensors (one per role)."""
+
+    def __init__(self, roles: Sequence[Sequence[Tensor]]) -> None:
+        self.ptrs = [
+            torch.tensor([x.data_ptr() for x in role], dtype=torch.int64) for role in roles
+        ]
+        self.sizes = torch.tensor([x.numel() for x in roles[0]], dtype=torch.int64)
+        self.n = len(roles[0])
+
+
+_TABLES: OrderedDict[Any, _Tables] = OrderedDict()
+
+
+def _tables(*roles: Sequence[Tensor]) -> _Tables:
+    """Cached by the tensors' addresses and sizes (the same every step in steady training)."""
+    key = tuple(tuple((x.data_ptr(), x.numel()) for x in role) for role in roles)
+    t = _TABLES.get(key)
+    if t is None:
+        for role in roles:
+            for x in role:
+                if x.device.type != "cpu" or not x.is_contiguous():
+                    raise ValueError("the CPU kernels need contiguous CPU tensors")
+                if x.dtype not in _CODES:
+                    raise TypeError(f"the CPU kernels take floating tensors, not {x.dtype}")
+        for role in roles[1:]:
+            if [x.numel() for x in role] != [x.numel() for x in roles[0]]:
+                raise ValueError("the CPU kernels need tensors of equal sizes in each pair")
+        t = _TABLES[key] = _Tables(roles)
+        if len(_TABLES) > 64:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return t
+
+
+def _ptr(t: Tensor) -> _P:
+    return _P(t.data_ptr())
+
+
+def _check(rc: int) -> None:
+    if rc != 0:  # only an unknown dtype code: _tables refuses those first
+        raise RuntimeError("the CPU kernels refused a dtype")
+
+
+def sum_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """``|t|^2`` of every tensor (one group: same dtype), float64."""
+    t = _tables(tensors)
+    out = torch.empty(t.n, dtype=torch.float64)
+    _check(
+        _lib().gru_cpu_sumsq(
+            t.n,
+            _ptr(t.ptrs[0]),
+            _ptr(t.sizes),
+            _CODES[tensors[0].dtype],
+            _ptr(out),
+            torch.get_num_threads(),
+        )
+    )
+    return out
+
+
+def stats(grads: Sequence[Tensor], ema: Sequence[Tensor]) -> Tensor:
+    """``(n, 3)`` float64: ``<g, m>``, ``|g|^2``, ``|m|^2`` per tensor pair, one pass."""
+    t = _tables(grads, ema)
+    out = torch.empty((t.n, 3), dtype=torch.float64)
+    _check(
+        _lib().gru_cpu_stats(
+            t.n,
+            _ptr(t.ptrs[0]),
+            _ptr(t.ptrs[1]),
+            _ptr(t.sizes),
+            _CODES[grads[0].dtype],
+            _CODES[ema[0].dtype],
+            _ptr(out),
+            torch.get_num_threads(),
+        )
+    )
+    return out
+
+
+def _scalars(values: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    v = values.detach().to("cpu", dtype).contiguous()
+    if v.numel() != n:
+        raise ValueError(f"expected {n} values, got {v.numel()}")
+    return v
+
+
+def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
+    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+    t = _tables(grads, ema)
+    w = _scalars(gammas, t.n, torch.float64)
+    flag = _scalars(gate.reshape(1), 1, torch.int32)
+    _check(
+        _lib().gru_cpu_fold(
+            t.n,
+            _ptr(t.ptrs[0]),
+            _ptr(t.ptrs[1]),
+            _ptr(t.sizes),
+            _CODES[grads[0].dtype],
+            _CODES[ema[0].dtype],
+            _ptr(w),
+            _ptr(flag),
+            torch.get_num_threads(),
+        )
+    )
+
+
+def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:
+    """``g_i <- g_i - coefs_i m_i`` unless the 0-dim ``skip`` is true (a tensor whose
+    coefficient is zero in the compute dtype is not touched)."""
+    t = _tables(grads, ema)
+    c = _scalars(coefs, t.n, torch.float64)
+    flag = _scalars(skip.reshape(1), 1, torch.int32)
+    _check(
+        _lib().gru_cpu_project(
+            t.n,
+            _ptr(t.ptrs[0]),
+            _ptr(t.ptrs[1]),
+            _ptr(t.sizes),
+            _CODES[grads[0].dtype],
+            _CODES[ema[0].dtype],
+            _ptr(c),
+            _ptr(flag),
+            torch.get_num_threads(),
+        )
+    )

@@ -1,0 +1,270 @@
+"""The CPU's compiled passes (gru_optim/_native.py) beyond what test_fused.py compares for
+both implementations: sizes across the threading and chunk boundaries, results that do
+not depend on the number of threads, exact float64 sums over the whole float32 range,
+non-finite inputs, one call per pass, and the fallback where no compiler is found."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gru_optim import GRUOptimizer
+from gru_optim import _native as NA
+
+CHUNK = 1 << 15  # kChunk in _csrc/gru_cpu.cpp
+SIZES = [1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 0, 200_003]
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float64),
+]
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _lists(gd, md, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = [torch.randn(n, generator=gen).to(gd) for n in SIZES]
+    m = [torch.randn(n, generator=gen).to(md) for n in SIZES]
+    return g, m
+
+
+@pytest.mark.parametrize("gd,md", DTYPES)
+def test_sums_are_the_float64_sums(gd, md) -> None:
+    g, m = _lists(gd, md)
+    got = NA.stats(g, m)
+    want = torch.stack(
+        [
+            torch.stack(
+                [
+                    (a.double() * b.double()).sum(),
+                    a.double().square().sum(),
+                    b.double().square().sum(),
+                ]
+            )
+            for a, b in zip(g, m)
+        ]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(NA.sum_squares(g), want[:, 1], rtol=1e-12, atol=1e-12)
+
+
+def _within(x: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, cd: torch.dtype) -> None:
+    """``x`` is ``exact`` (float64) up to a few roundings in the compute dtype ``cd`` (of
+    terms as large as ``scale``) and one into ``x``'s dtype."""
+    eps_c = torch.finfo(cd).eps
+    eps_x = torch.finfo(x.dtype).eps
+    err = (x.double() - exact).abs()
+    bound = 3 * eps_c * scale + eps_x * exact.abs() + torch.finfo(x.dtype).tiny
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("gd,md", DTYPES)
+@pytest.mark.parametrize("gamma", [0.2, 0.8, 1.0])
+def test_fold_and_projection_are_the_exact_values_rounded(gd, md, gamma) -> None:
+    g, m = _lists(gd, md, seed=1)
+    ma = [x.clone() for x in m]
+    NA.fold_(ma, g, torch.full((len(g),), gamma, dtype=torch.float64), torch.tensor(True))
+    cd = torch.float64 if torch.float64 in (gd, md) else torch.float32
+    w = float(torch.tensor(gamma, dtype=cd))
+    for x, y, gg in zip(ma, m, g):
+        y64, g64 = y.double(), gg.double()
+        if gamma == 1.0:
+            assert torch.equal(x, gg.to(cd).to(md))  # a copy
+        else:
+            _within(x, y64 + w * (g64 - y64), y64.abs() + g64.abs(), cd)
+    coefs = torch.linspace(-1.5, 0.5, len(g), dtype=torch.float64)
+    coefs[2] = 0.0
+    ga = [x.clone() for x in g]
+    NA.project_(ga, m, coefs, torch.tensor(False))
+    for i, (x, y, mm) in enumerate(zip(ga, g, m)):
+        c = float(coefs[i].to(cd))
+        y64, m64 = y.double(), mm.double()
+        _within(x, y64 - c * m64, y64.abs() + abs(c) * m64.abs(), cd)
+        if i == 2:
+            assert torch.equal(x, y)  # a zero coefficient leaves the tensor untouched
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_number_of_threads(threads, n_threads) -> None:
+    g, m = _lists(torch.float32, torch.float32, seed=2)
+    torch.set_num_threads(1)
+    ref = NA.stats(g, m)
+    mref = [x.clone() for x in m]
+    NA.fold_(mref, g, torch.full((len(g),), 0.3, dtype=torch.float64), torch.tensor(True))
+    torch.set_num_threads(n_threads)
+    assert torch.equal(NA.stats(g, m), ref)  # bitwise: fixed chunks, fixed order
+    mm = [x.clone() for x in m]
+    NA.fold_(mm, g, torch.full((len(g),), 0.3, dtype=torch.float64), torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(mm, mref))
+
+
+def test_float32_sums_neither_overflow_nor_underflow() -> None:
+    # Products of float32 values are exact in float64: tiny, huge and subnormal values sum
+    # to float64 accuracy (what the foreach path needs a float64 rescue for).
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    for scale in (tiny, 1e-30, 1e-20, 1.0, 1e18, 3e38):
+        g = [torch.full((CHUNK + 3,), scale), torch.tensor([scale, -scale])]
+        m = [torch.full((CHUNK + 3,), scale / 2), torch.tensor([scale, scale])]
+        got = NA.stats(g, m)
+        want = torch.tensor(
+            [
+                [
+                    float((a.double() * b.double()).sum()),
+                    float(a.double().square().sum()),
+                    float(b.double().square().sum()),
+                ]
+                for a, b in zip(g, m)
+            ],
+            dtype=torch.float64,
+        )
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+        assert bool((got[:, 1] > 0).all())
+
+
+def test_non_finite_inputs_give_non_finite_sums() -> None:
+    for bad in (float("inf"), float("nan")):
+        g = [torch.randn(CHUNK * 2 + 1), torch.randn(10)]
+        g[0][CHUNK + 5] = bad
+        m = [torch.randn(CHUNK * 2 + 1), torch.randn(10)]
+        s = NA.stats(g, m)
+        assert not bool(torch.isfinite(s[0, :2]).any()) and bool(torch.isfinite(s[1]).all())
+        assert not bool(torch.isfinite(NA.sum_squares(g)[0]))
+
+
+def test_one_call_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None:
+    from gru_optim.functional import ema_update_, project_, segment_stats
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lib = NA._lib()
+    calls: list[str] = []
+
+    class Count:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def run(*args):
+                calls.append(name)
+                return fn(*args)
+
+            return run
+
+    monkeypatch.setattr(NA, "_lib", lambda: Count())
+    for n in (3, 30):
+        calls.clear()
+        g = [torch.randn(50 + i) for i in range(n)]
+        m = [torch.randn(50 + i) for i in range(n)]
+        segment_stats(g, m, None, fused=True)
+        ema_update_(m, g, 0.8, fused=True)
+        project_(g, m, torch.zeros(n), fused=True)
+        assert calls == ["gru_cpu_stats", "gru_cpu_fold", "gru_cpu_project"], calls
+
+
+def test_refuses_what_it_cannot_take() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        NA.stats([torch.randn(4, 4).t()], [torch.randn(4, 4)])
+    with pytest.raises(ValueError, match="equal sizes"):
+        NA.stats([torch.randn(4)], [torch.randn(5)])
+    with pytest.raises(TypeError, match="floating"):
+        NA.sum_squares([torch.ones(3, dtype=torch.int64)])
+
+
+def test_the_build_is_cached(tmp_path, monkeypatch) -> None:
+    first = NA._build(NA._compiler())  # type: ignore[arg-type]
+    assert first.exists() and first.name.startswith("gru_cpu-")
+    mtime = first.stat().st_mtime_ns
+    assert NA._build(NA._compiler()) == first  # type: ignore[arg-type]
+    assert first.stat().st_mtime_ns == mtime  # found, not rebuilt
+
+
+def _subprocess(env_extra: dict[str, str]) -> str:
+    code = (
+        "import torch\nfrom gru_optim import GRUOptimizer\n"
+        "from gru_optim._native import native_reason\n"
+        "p = torch.nn.Parameter(torch.zeros(3))\n"
+        "opt = GRUOptimizer(torch.optim.SGD([p], lr=0.1))\n"
+        "print(opt.kernels)\nprint(native_reason())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+
+
+def test_without_a_compiler_the_foreach_path_runs(tmp_path) -> None:
+    out = _subprocess({"CXX": str(tmp_path / "no-such-compiler"), "GRU_OPTIM_CACHE": str(tmp_path)})
+    assert out.splitlines() == [
+        "foreach",
+        "no C++ compiler found (set CXX) to build the CPU kernels",
+    ]
+
+
+def test_a_failing_build_says_why_and_the_foreach_path_runs(tmp_path) -> None:
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = _subprocess({"CXX": str(fake), "GRU_OPTIM_CACHE": str(tmp_path)})
+    kernels, reason = out.splitlines()
+    assert kernels == "foreach"
+    assert "could not be built" in reason and "fake compiler: broken" in reason
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+
+
+def test_turned_off_by_the_environment() -> None:
+    out = _subprocess({"GRU_OPTIM_NATIVE": "0"})
+    assert out.splitlines() == ["foreach", "the CPU kernels are turned off (GRU_OPTIM_NATIVE=0)"]
+
+
+def test_default_cpu_training_runs_the_cpu_kernels_and_matches_foreach(monkeypatch) -> None:
+    # A model large enough that the passes are threaded, trained by the default optimizer.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Tanh(), torch.nn.Linear(400, 10))
+    b = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Tanh(), torch.nn.Linear(400, 10))
+    b.load_state_dict(a.state_dict())
+    oa = GRUOptimizer(torch.optim.AdamW(a.parameters(), lr=1e-3))
+    ob = GRUOptimizer(torch.optim.AdamW(b.parameters(), lr=1e-3), fused=False)
+    assert oa.kernels == "cpu" and ob.kernels == "foreach"
+    ce = torch.nn.functional.cross_entropy
+    conflicts = 0
+    for t in range(5):
+        gen = torch.Generator().manual_seed(t)
+        xf, xr = torch.randn(16, 300, generator=gen), torch.randn(16, 300, generator=gen)
+        yf, yr = (
+            torch.randint(0, 10, (16,), generator=gen),
+            torch.randint(0, 10, (16,), generator=gen),
+        )
+        for net, opt in ((a, oa), (b, ob)):
+
+            def forget(net=net, xf=xf, yf=yf):
+                loss = -ce(net(xf), yf)
+                loss.backward()
+                return loss
+
+            def retain(net=net, xr=xr, yr=yr):
+                loss = ce(net(xr), yr)
+                loss.backward()
+                return loss
+
+            opt.step(forget, retain)
+        conflicts += int(ob.last_stats["conflict"])
+        torch.testing.assert_close(
+            oa.last_stats["coef"].double(), ob.last_stats["coef"].double(), rtol=1e-4, atol=1e-7
+        )
+    assert conflicts > 0
+    for x, y in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
