@@ -16,7 +16,9 @@ Methods:
 
 - ``gru``: ``GRUOptimizer`` around an optimizer whose ``step`` does nothing (the
   wrapper minus the inner step), closure-free path (``retain_pass`` + ``step``), default
-  settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``).
+  settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``, ``fused=None``: on
+  CPU the compiled C++ passes of ``gru_optim/_native.py``).
+- ``gru_foreach``: the same with ``fused=False`` (torch's foreach operations).
 - ``gru_core``: the functional core alone: ``ema_update_`` then ``rectify_``, which are
   the functions ``step()`` runs (``rectify_`` is ``segment_stats``,
   ``conflict_coefficients`` and ``project_``, as the projection rule's ``solve`` and
@@ -59,10 +61,11 @@ GAMMA = 0.8
 #   forget stats read g_u, read m               2 x 4 B   (<g,m>, ||g||^2, ||m||^2, one pass)
 #   projection   read g_u, read m, write g_u    3 x 4 B
 GRU_MIN_BYTES_PER_ELEM = 36
-# What the foreach path (the CPU's) moves: retain norm 4, fold 12, forget norm 4, dots 8,
-# ||m||^2 4, projection 12; the functional core (ema_update_ + rectify_) skips the retain
-# norm.
-GRU_WRAPPER_BYTES_PER_ELEM = 44
+# The CPU's compiled passes (gru_optim/_native.py) move the same 36 B. What the foreach
+# path moves: retain norm 4, fold 12, forget norm 4, dots 8, ||m||^2 4, projection 12; the
+# functional core (ema_update_ + rectify_) skips the retain norm.
+GRU_WRAPPER_BYTES_PER_ELEM = GRU_MIN_BYTES_PER_ELEM
+GRU_FOREACH_BYTES_PER_ELEM = 44
 GRU_CORE_BYTES_PER_ELEM = 40
 # foreach AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
 # exp_avg_sq at least once: 7 x 4 B.
@@ -70,6 +73,7 @@ ADAMW_MIN_BYTES_PER_ELEM = 28
 
 METHOD_LABELS = {
     "gru": "GRU wrapper (own work)",
+    "gru_foreach": "GRU wrapper, fused=False (foreach)",
     "gru_core": "GRU functional core",
     "adamw": "AdamW foreach step",
     "adamw_fused": "AdamW fused step",
@@ -112,9 +116,16 @@ class _Method:
 class _GRUWrapper(_Method):
     name = "gru"
 
-    def __init__(self, params: list[torch.Tensor], directions: int = 1) -> None:
+    def __init__(
+        self, params: list[torch.Tensor], directions: int = 1, fused: bool | None = None
+    ) -> None:
         self.name = "gru" if directions == 1 else f"gru_k{directions}"
-        self.opt = GRUOptimizer(_NoOpOptimizer(params), gamma=GAMMA, directions=directions)
+        if fused is False:
+            self.name = "gru_foreach"
+        self.opt = GRUOptimizer(
+            _NoOpOptimizer(params), gamma=GAMMA, directions=directions, fused=fused
+        )
+        self.kernels = self.opt.kernels
         self._ctx: Any = None
 
     def pre_retain(self) -> None:
@@ -202,7 +213,7 @@ class _Triad(_Method):
 
 
 def available_methods(numel: int, include_baselines: bool, gru_k: bool = True) -> list[str]:
-    names = ["gru", "gru_core", "adamw", "adamw_fused", "copy", "triad"]
+    names = ["gru", "gru_foreach", "gru_core", "adamw", "adamw_fused", "copy", "triad"]
     if gru_k:
         names[1:1] = ["gru_k2", "gru_k4", "gru_k8"]
     if include_baselines:
@@ -236,6 +247,8 @@ def measure(
     for m in methods:
         if m == "gru":
             impls[m] = _GRUWrapper(params)
+        elif m == "gru_foreach":
+            impls[m] = _GRUWrapper(params, fused=False)
         elif m.startswith("gru_k"):
             impls[m] = _GRUWrapper(params, directions=int(m[len("gru_k") :]))
         elif m == "triad":
@@ -295,10 +308,11 @@ def measure(
         "warmup": warmup,
         "methods": {k: {**stats[k], "samples_s": samples[k]} for k in stats},
         "conflict_every_step": conflicts,
+        "gru_kernels": impls["gru"].kernels if isinstance(impls.get("gru"), _GRUWrapper) else None,
     }
     ratios: dict[str, float] = {}
     if "gru" in med:
-        for other in ("adamw", "adamw_fused", "reference", "pcgrad", "gru_core"):
+        for other in ("adamw", "adamw_fused", "reference", "pcgrad", "gru_core", "gru_foreach"):
             if other in med:
                 ratios[f"gru_over_{other}"] = med["gru"] / med[other]
         if "reference" in med:
@@ -332,6 +346,13 @@ def measure(
             if "gru" in med
             else None,
             "gru_wrapper_bound_s": GRU_WRAPPER_BYTES_PER_ELEM * numel / bw,
+            "gru_foreach_bandwidth_GBps": GRU_FOREACH_BYTES_PER_ELEM
+            * numel
+            / med["gru_foreach"]
+            / 1e9
+            if "gru_foreach" in med
+            else None,
+            "gru_foreach_bytes_per_param_actual": GRU_FOREACH_BYTES_PER_ELEM,
             "gru_min_bytes_per_param": GRU_MIN_BYTES_PER_ELEM,
             "gru_min_bytes": GRU_MIN_BYTES_PER_ELEM * numel,
             "gru_bound_s": t_bound,
@@ -339,7 +360,7 @@ def measure(
             "gru_core_bytes_per_param_actual": GRU_CORE_BYTES_PER_ELEM,
             "adamw_min_bytes_per_param": ADAMW_MIN_BYTES_PER_ELEM,
         }
-        for k in ("gru", "gru_core", "adamw", "adamw_fused", "reference", "pcgrad"):
+        for k in ("gru", "gru_foreach", "gru_core", "adamw", "adamw_fused", "reference", "pcgrad"):
             if k in med:
                 res["bandwidth"][f"{k}_over_bound"] = med[k] / t_bound
     if verbose:
@@ -390,11 +411,11 @@ def print_step_table(res: dict[str, Any]) -> None:
         b = res["bandwidth"]
         print(
             f"triad bandwidth {b['triad_bandwidth_GBps']:.2f} GB/s (fused AdamW reaches "
-            f"{b['adamw_fused_bandwidth_GBps'] or float('nan'):.2f}); GRU's fused kernels move "
+            f"{b['adamw_fused_bandwidth_GBps'] or float('nan'):.2f}); GRU's fused passes move "
             f"{b['gru_min_bytes_per_param']} B/param -> bound {b['gru_bound_s'] * 1e3:.1f} ms; "
-            f"the foreach path moves {b['gru_wrapper_bytes_per_param_actual']} B/param -> "
-            f"{b['gru_wrapper_bound_s'] * 1e3:.1f} ms; GRU wrapper at "
-            f"{b.get('gru_over_bound', float('nan')):.2f}x the fused bound"
+            f"the foreach path moves {b['gru_foreach_bytes_per_param_actual']} B/param; GRU "
+            f"wrapper ({res.get('gru_kernels')}) at "
+            f"{b.get('gru_over_bound', float('nan')):.2f}x the bound"
         )
     print("ratios:", {k: round(v, 3) for k, v in res["ratios"].items()})
 
@@ -418,11 +439,14 @@ def markdown(res: dict[str, Any]) -> str:
             f"{b['adamw_fused_bandwidth_GBps'] or float('nan'):.2f} GB/s "
             f"({ADAMW_MIN_BYTES_PER_ELEM} B/param); the GRU wrapper's "
             f"{b['gru_wrapper_bandwidth_GBps'] or float('nan'):.2f} GB/s "
-            f"({b['gru_wrapper_bytes_per_param_actual']} B/param, the foreach path). The "
-            f"fused kernels move {b['gru_min_bytes_per_param']} B per fp32 parameter "
+            f"({b['gru_wrapper_bytes_per_param_actual']} B/param, kernels "
+            f"{res.get('gru_kernels')!r}); with fused=False "
+            f"{b.get('gru_foreach_bandwidth_GBps') or float('nan'):.2f} GB/s "
+            f"({b['gru_foreach_bytes_per_param_actual']} B/param). The fused passes move "
+            f"{b['gru_min_bytes_per_param']} B per fp32 parameter "
             f"({b['gru_min_bytes'] / 1e6:.0f} MB here): a bound of "
-            f"{b['gru_bound_s'] * 1e3:.1f} ms at the triad's bandwidth; the wrapper (foreach) "
-            f"takes {b.get('gru_over_bound', float('nan')):.2f}x that bound.",
+            f"{b['gru_bound_s'] * 1e3:.1f} ms at the triad's bandwidth; the wrapper takes "
+            f"{b.get('gru_over_bound', float('nan')):.2f}x that bound.",
         ]
     return "\n".join(lines)
 

@@ -60,12 +60,14 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
     )
     assert data["conflict_every_step"] == {
         "gru": True,
+        "gru_foreach": True,
         "gru_k2": True,
         "gru_k4": True,
         "gru_k8": True,
         "gru_core": True,
         "reference": True,
     }
+    assert data["gru_kernels"] in ("cpu", "foreach")  # foreach while TRITON_INTERPRET=1
     b = data["bandwidth"]
     assert b["gru_min_bytes"] == 36 * C.TINY.numel  # the fused kernels' traffic, fp32
     assert _finite_positive(b["triad_bandwidth_GBps"]) and _finite_positive(b["gru_over_bound"])
