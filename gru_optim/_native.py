@@ -237,42 +237,35 @@ def _scalars(values: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return v
 
 
-def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
-    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+def _elementwise(
+    name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], values: Tensor, flag: Tensor
+) -> None:
+    """Run the pairwise elementwise pass ``name`` over (gradient, memory) pairs with one
+    float64 value per pair and a 0-dim flag."""
     t = _tables(grads, ema)
-    w = _scalars(gammas, t.n, torch.float64)
-    flag = _scalars(gate.reshape(1), 1, torch.int32)
+    v = _scalars(values, t.n, torch.float64)
+    f = _scalars(flag.reshape(1), 1, torch.int32)
     _check(
-        _lib().gru_cpu_fold(
+        getattr(_lib(), name)(
             t.n,
             _ptr(t.ptrs[0]),
             _ptr(t.ptrs[1]),
             _ptr(t.sizes),
             _CODES[grads[0].dtype],
             _CODES[ema[0].dtype],
-            _ptr(w),
-            _ptr(flag),
+            _ptr(v),
+            _ptr(f),
             torch.get_num_threads(),
         )
     )
+
+
+def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
+    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+    _elementwise("gru_cpu_fold", grads, ema, gammas, gate)
 
 
 def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:
     """``g_i <- g_i - coefs_i m_i`` unless the 0-dim ``skip`` is true (a tensor whose
     coefficient is zero in the compute dtype is not touched)."""
-    t = _tables(grads, ema)
-    c = _scalars(coefs, t.n, torch.float64)
-    flag = _scalars(skip.reshape(1), 1, torch.int32)
-    _check(
-        _lib().gru_cpu_project(
-            t.n,
-            _ptr(t.ptrs[0]),
-            _ptr(t.ptrs[1]),
-            _ptr(t.sizes),
-            _CODES[grads[0].dtype],
-            _CODES[ema[0].dtype],
-            _ptr(c),
-            _ptr(flag),
-            torch.get_num_threads(),
-        )
-    )
+    _elementwise("gru_cpu_project", grads, ema, coefs, skip)
