@@ -16,10 +16,6 @@ python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
     if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
 fi
-# Known bug (issue 14, open): with the compiled CPU passes, about 1 run in 15 of this
-# script aborts a rank at exit ("terminate called without an active exception"); the
-# foreach path (GRU_OPTIM_NATIVE=0) showed 0 in 20. Until the cause is found, off here.
-export GRU_OPTIM_NATIVE="${GRU_OPTIM_NATIVE:-0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # 2 processes x all cores oversubscribes the CPU
 exec "$python" -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-2}" \
     "$here/train_ddp.py" "$@"
