@@ -35,7 +35,7 @@ __all__ = ["build", "fold_", "native_reason", "project_", "stats", "sum_squares"
 
 _SOURCE = Path(__file__).with_name("_csrc") / "gru_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-_ABI = 1
+_ABI = 2
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
