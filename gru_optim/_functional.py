@@ -85,7 +85,8 @@ def ema_update_(
     foreach: bool | None = None,
     fused: bool = False,
     gate: Tensor | None = None,
-) -> None:
+    sq_norms: bool = False,
+) -> Tensor | None:
     """Fold ``grads`` into the retain memory in place.
 
     Promises ``ema[i] <- gamma * grads[i] + (1 - gamma) * ema[i]`` for every ``i``, in the
@@ -94,22 +95,36 @@ def ema_update_(
 
     ``gate`` (a 0-dim tensor): fold only if it is true. The fused path (``fused=True``,
     Triton) reads it on the device; the others read it on the host (one synchronisation).
+
+    ``sq_norms``: also return ``|grads[i]|^2`` for every ``i`` (whatever the gate says), as
+    :func:`tensor_sq_norms` with the same ``foreach``/``fused`` computes them; the fused
+    path takes them from the fold's own read of the gradients (no second pass). Returns
+    ``None`` otherwise.
     """
     if len(ema) != len(grads):
         raise ValueError(f"ema_update_: {len(ema)} buffers but {len(grads)} gradients")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    if fused and ema and _fusable(ema, grads):
+    if not grads:
+        return torch.zeros(0) if sq_norms else None
+    if fused and _fusable(ema, grads):
         from . import _fused
 
+        vals: list[Tensor | None] = [None] * len(grads)
         for (dev, _, _), idx in _group(ema, grads).items():
             ms = [ema[i] for i in idx]
             gs = [grads[i] for i in idx]
             g = gate if gate is not None else torch.ones((), dtype=torch.bool, device=dev)
-            _fused.fold_(ms, gs, _fused.device_floats([gamma] * len(ms), dev), g.to(dev))
-        return
+            sq = _fused.fold_(
+                ms, gs, _fused.device_floats([gamma] * len(ms), dev), g.to(dev), sq_norms=sq_norms
+            )
+            if sq is not None:
+                for i, v in zip(idx, sq.unbind()):
+                    vals[i] = v
+        return _stack_scalars(vals, grads[0].device) if sq_norms else None
+    norms = tensor_sq_norms(grads, foreach=foreach) if sq_norms else None
     if gate is not None and not bool(gate):
-        return
+        return norms
     use_foreach = _default_foreach(ema) if foreach is None else foreach
     for (_, m_dtype, g_dtype), idx in _group(ema, grads).items():
         ms = [ema[i] for i in idx]
@@ -133,6 +148,7 @@ def ema_update_(
                     m.lerp_(g, gamma)
                 else:
                     m.mul_(1.0 - gamma).add_(g, alpha=gamma)
+    return norms
 
 
 _SUBNORMAL32 = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23

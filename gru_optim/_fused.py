@@ -232,7 +232,9 @@ def device_floats(values: Sequence[float], device: torch.device) -> Tensor:
     return t
 
 
-def _elementwise(name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *args: Tensor) -> None:
+def _elementwise(
+    name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *args: Tensor, **flags: Any
+) -> _Plan:
     """Launch the pairwise elementwise kernel ``name`` over (gradient, memory) pairs."""
     k = _kernels()
     plan = _plan([grads, ema])
@@ -247,15 +249,33 @@ def _elementwise(name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *arg
         M=k["dtype"][ema[0].dtype],
         C=_compute(k, grads, ema),
         BLOCK=plan.block,
+        **flags,
     )
+    return plan
 
 
-def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
-    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
+def fold_(
+    ema: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    gammas: Tensor,
+    gate: Tensor,
+    *,
+    sq_norms: bool = False,
+) -> Tensor | None:
+    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true.
+
+    With ``sq_norms``: also ``|g_i|^2`` of every gradient (float64, as :func:`sum_squares`
+    computes it) from the fold's own read of the gradients, whatever the gate says; the
+    retain side then needs no separate norm pass."""
     if _native_cpu(grads[0]):
-        _native.fold_(ema, grads, gammas, gate)
-        return
-    _elementwise("fold", grads, ema, gammas.contiguous(), gate.to(torch.int32))
+        return _native.fold_(ema, grads, gammas, gate, sq_norms=sq_norms)
+    dev = grads[0].device
+    n_blocks = _plan([grads, ema]).n_blocks
+    part = torch.empty(n_blocks if sq_norms else 1, dtype=torch.float64, device=dev)
+    plan = _elementwise(
+        "fold", grads, ema, gammas.contiguous(), gate.to(torch.int32), part, SUMSQ=sq_norms
+    )
+    return _reduce(plan, part, 1)[:, 0] if sq_norms else None
 
 
 def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:

@@ -147,10 +147,15 @@ class RetainMemory:
         foreach: bool | None = None,
         fused: bool = False,
         gate: Tensor | None = None,
-    ) -> None:
+        sq_norms: bool = False,
+    ) -> Tensor | None:
         """Fold this step's retain gradients (local shards ``grads`` of ``with_grad``)
         into the memory, each parameter with its own ``gamma[id(p)]``; trainable
         parameters with a memory but no retain gradient this step decay.
+
+        ``sq_norms`` (only without ``gate``): also return ``|grads[i]|^2`` for every ``i``
+        (see :func:`~gru_optim.functional.ema_update_`: from the fold's own pass on the
+        fused path).
 
         With ``gate`` (a 0-dim tensor) the fold happens only if it is true. The fused path
         decides on the device, unless the structure of the memory changes (a parameter's
@@ -159,22 +164,29 @@ class RetainMemory:
         present = {id(p) for p in with_grad}
         new = [p for p in with_grad if p not in self._buffers]
         absent = [p for p in trainable if p in self._buffers and id(p) not in present]
+        if sq_norms and gate is not None:
+            raise ValueError("fold_: sq_norms needs gate=None")
         if gate is not None and (new or absent or not fused):
             if not bool(gate):
-                return
+                return None
             gate = None
         for p in new:
             self._buffers[p] = self.zeros(p)
             if self.history:
                 lp = local(self._buffers[p])
                 self._hist[p] = [torch.zeros_like(lp) for _ in range(self.history)]
-        by_gamma: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-        for p, g in zip(with_grad, grads):
-            ms, gs = by_gamma.setdefault(gamma[id(p)], ([], []))
+        by_gamma: dict[float, tuple[list[Tensor], list[Tensor], list[int]]] = {}
+        for i, (p, g) in enumerate(zip(with_grad, grads)):
+            ms, gs, idx = by_gamma.setdefault(gamma[id(p)], ([], [], []))
             ms.append(local(self._buffers[p]))
             gs.append(g)
-        for gm, (ms, gs) in by_gamma.items():
-            ema_update_(ms, gs, gm, foreach=foreach, fused=fused, gate=gate)
+            idx.append(i)
+        norms: list[Tensor | None] = [None] * len(grads)
+        for gm, (ms, gs, idx) in by_gamma.items():
+            sq = ema_update_(ms, gs, gm, foreach=foreach, fused=fused, gate=gate, sq_norms=sq_norms)
+            if sq is not None:
+                for i, v in zip(idx, sq.unbind()):
+                    norms[i] = v
         decay: dict[float, list[Tensor]] = {}
         for p in absent:
             gm = gamma[id(p)]
@@ -200,6 +212,12 @@ class RetainMemory:
                 if id(p) not in present and p in self._buffers:
                     self._hist[p][slot].zero_()
             self._slot = (slot + 1) % self.history
+        if not sq_norms:
+            return None
+        if not grads:
+            return torch.zeros(0)
+        dtype = torch.promote_types(*{v.dtype for v in norms if v is not None}, torch.float32)
+        return torch.stack([v.to(dtype) for v in norms if v is not None])
 
     # ------------------------------------------------------------------ checkpoints
     def history_entry(self, p: Tensor) -> list[Tensor]:

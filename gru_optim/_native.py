@@ -35,7 +35,7 @@ __all__ = ["build", "fold_", "native_reason", "project_", "stats", "sum_squares"
 
 _SOURCE = Path(__file__).with_name("_csrc") / "gru_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-_ABI = 2
+_ABI = 3
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -120,7 +120,7 @@ def _load() -> tuple[Any, str | None]:
     for name, args in {
         "gru_cpu_sumsq": [_I64, _P, _P, _INT, _P, _INT],
         "gru_cpu_stats": [_I64, _P, _P, _P, _INT, _INT, _P, _INT],
-        "gru_cpu_fold": [_I64, _P, _P, _P, _INT, _INT, _P, _P, _INT],
+        "gru_cpu_fold": [_I64, _P, _P, _P, _INT, _INT, _P, _P, _P, _INT],
         "gru_cpu_project": [_I64, _P, _P, _P, _INT, _INT, _P, _P, _INT],
     }.items():
         fn = getattr(lib, name)
@@ -238,10 +238,16 @@ def _scalars(values: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 
 
 def _elementwise(
-    name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], values: Tensor, flag: Tensor
+    name: str,
+    grads: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    values: Tensor,
+    flag: Tensor,
+    *extra: Any,
 ) -> None:
     """Run the pairwise elementwise pass ``name`` over (gradient, memory) pairs with one
-    float64 value per pair and a 0-dim flag."""
+    float64 value per pair and a 0-dim flag (``extra``: more arguments before the thread
+    count)."""
     t = _tables(grads, ema)
     v = _scalars(values, t.n, torch.float64)
     f = _scalars(flag.reshape(1), 1, torch.int32)
@@ -255,14 +261,26 @@ def _elementwise(
             _CODES[ema[0].dtype],
             _ptr(v),
             _ptr(f),
+            *extra,
             torch.get_num_threads(),
         )
     )
 
 
-def fold_(ema: Sequence[Tensor], grads: Sequence[Tensor], gammas: Tensor, gate: Tensor) -> None:
-    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true."""
-    _elementwise("gru_cpu_fold", grads, ema, gammas, gate)
+def fold_(
+    ema: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    gammas: Tensor,
+    gate: Tensor,
+    *,
+    sq_norms: bool = False,
+) -> Tensor | None:
+    """``m <- lerp(m, g, gamma_i)`` for every pair where the 0-dim ``gate`` is true; with
+    ``sq_norms``, also returns ``|g_i|^2`` (float64, as :func:`sum_squares` computes it)
+    from the same pass, whatever the gate says."""
+    out = torch.empty(len(grads), dtype=torch.float64) if sq_norms else None
+    _elementwise("gru_cpu_fold", grads, ema, gammas, gate, _ptr(out) if out is not None else None)
+    return out
 
 
 def project_(grads: Sequence[Tensor], ema: Sequence[Tensor], coefs: Tensor, skip: Tensor) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._amp import AmpBoundary
-from ._functional import clip_coefficient, sum_sq, tensor_sq_norms, total_norm
+from ._functional import clip_coefficient, sum_sq, total_norm
 from ._groups import Hyper, read_groups
 from ._inner import step_inner
 from ._memory import RetainMemory
@@ -232,6 +232,7 @@ class _Sides:
             grads = [local(p.grad) for p in with_grad]  # type: ignore[arg-type]
             device = grads[0].device
             reason = torch.zeros((), dtype=torch.long, device=device)
+            total: Tensor | None = None
             if self._checking():
                 reducer = Reducer.for_params(with_grad)
                 total = sum_sq(
@@ -249,12 +250,10 @@ class _Sides:
                     ),
                     device=device,
                 )
-            else:
-                total = tensor_sq_norms(grads, foreach=self.foreach).sum()
             host_skip, device_skip = self._gate(reason)  # the retain side's one host read
             if not host_skip:
                 gamma = {id(p): hypers[gi[id(p)]].gamma for p in params}
-                self._memory.fold_(
+                norms = self._memory.fold_(
                     with_grad,
                     grads,
                     params,
@@ -262,7 +261,13 @@ class _Sides:
                     foreach=self.foreach,
                     fused=self._fused,
                     gate=None if device_skip is None else ~device_skip,
+                    # Not checking: the norm (a statistic only) comes out of the fold's
+                    # own read of the gradients on the fused path.
+                    sq_norms=not self._checking(),
                 )
+                if norms is not None:
+                    total = norms.sum()
+            assert total is not None  # not checking: the gate is always open
             pending = Pending(
                 loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
                 grad_norm=total.sqrt(),

@@ -36,23 +36,33 @@ def fold(
     starts,
     gammas,
     gate,
+    out,
     G: tl.constexpr,
     M: tl.constexpr,
     C: tl.constexpr,
+    SUMSQ: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # SUMSQ: also each block's |g|^2 into out (as sumsq does), whatever the gate says.
     pid, t, offs, mask = _loc(tids, starts, sizes, BLOCK)
-    if tl.load(gate) != 0:
+    on = tl.load(gate) != 0
+    if on | SUMSQ:
         gp = tl.load(g_ptrs + t).to(tl.pointer_type(G))
-        mp = tl.load(m_ptrs + t).to(tl.pointer_type(M))
-        w = tl.load(gammas + t).to(C)
-        g = tl.load(gp + offs, mask=mask, other=0.0).to(C)
-        m = tl.load(mp + offs, mask=mask, other=0.0).to(C)
-        # torch.lerp's formula, so that the fused and foreach paths round alike; gamma = 1
-        # is a copy, as on the foreach path (g - m may overflow, and inf * 0 is NaN)
-        new = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
-        new = tl.where(w == 1.0, g, new)
-        tl.store(mp + offs, new.to(M), mask=mask)
+        graw = tl.load(gp + offs, mask=mask, other=0.0)
+        if SUMSQ:
+            x = graw.to(tl.float64)
+            tl.store(out + pid, tl.sum(x * x, axis=0))
+        if on:
+            mp = tl.load(m_ptrs + t).to(tl.pointer_type(M))
+            w = tl.load(gammas + t).to(C)
+            g = graw.to(C)
+            m = tl.load(mp + offs, mask=mask, other=0.0).to(C)
+            # torch.lerp's formula, so that the fused and foreach paths round alike;
+            # gamma = 1 is a copy, as on the foreach path (g - m may overflow, and
+            # inf * 0 is NaN)
+            new = tl.where(w < 0.5, m + w * (g - m), g - (g - m) * (1.0 - w))
+            new = tl.where(w == 1.0, g, new)
+            tl.store(mp + offs, new.to(M), mask=mask)
 
 
 @triton.jit

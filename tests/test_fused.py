@@ -124,6 +124,28 @@ def test_fold_and_projection_match_the_foreach_path(kernels, problem, gamma) -> 
     assert tensor_sq_norms(g, fused=True).dtype == torch.float64
 
 
+@FIXTURE_OK
+@given(lists(), st.floats(0.05, 1.0), st.booleans())
+def test_a_fold_that_returns_the_norms_returns_the_sum_of_squares_pass(
+    kernels, problem, gamma, open_gate
+) -> None:
+    # The norms come from the fold's own read of the gradients, bit for bit what the
+    # separate sum-of-squares pass computes, whether or not the gate lets the fold happen.
+    g, m, _, _, gd = problem
+    ma, mb = [x.clone() for x in m], [x.clone() for x in m]
+    gate = torch.tensor(open_gate)
+    got = ema_update_(ma, g, gamma, fused=True, gate=gate, sq_norms=True)
+    ema_update_(mb, g, gamma, fused=True, gate=gate)
+    assert got is not None and got.dtype == torch.float64
+    assert torch.equal(got, tensor_sq_norms(g, fused=True))
+    assert all(torch.equal(x, y) for x, y in zip(ma, mb))  # the same fold
+    if not open_gate:
+        assert all(torch.equal(x, y) for x, y in zip(ma, m))
+    ref = ema_update_([x.clone() for x in m], g, gamma, fused=False, sq_norms=True)
+    assert ref is not None
+    torch.testing.assert_close(got, ref.to(got.dtype), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["expanded", "strided"])
 def test_projection_reads_coefficient_views_correctly(kernels, layout) -> None:
     # A global coefficient reaches the kernel as ``coef.expand(n)`` (stride 0): the kernel
@@ -185,6 +207,9 @@ def test_one_launch_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None
         ema_update_(m, g, 0.8, fused=True)
         project_(g, m, torch.zeros(n), fused=True)
         assert calls == ["stats", "reduce", "fold", "project"], calls
+        calls.clear()
+        ema_update_(m, g, 0.8, fused=True, sq_norms=True)  # no separate norm pass
+        assert calls == ["fold", "reduce"], calls
 
 
 # ----------------------------------------------------------------- the optimizer
@@ -198,8 +223,9 @@ def test_one_launch_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None
         {"cos_clip": -0.5},
         {"max_grad_norm": 0.05},
         {"ema_dtype": torch.bfloat16},
+        {"skip_nonfinite": False},
     ],
-    ids=["global", "tensor", "retain_weight", "cos_clip", "clip", "bf16"],
+    ids=["global", "tensor", "retain_weight", "cos_clip", "clip", "bf16", "no_check"],
 )
 def test_fused_optimizer_matches_the_foreach_path(kernels, inner, kw) -> None:
     a = make_net(torch.float32)
@@ -213,7 +239,7 @@ def test_fused_optimizer_matches_the_foreach_path(kernels, inner, kw) -> None:
     for t in range(4):
         oa.step(*closures(a, t))
         ob.step(*closures(b, t))
-        for key in ("dot", "coef", "ema_norm", "forget_grad_norm"):
+        for key in ("dot", "coef", "ema_norm", "forget_grad_norm", "retain_grad_norm"):
             torch.testing.assert_close(
                 oa.last_stats[key].double(), ob.last_stats[key].double(), rtol=rtol, atol=atol
             )

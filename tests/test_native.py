@@ -171,6 +171,62 @@ def test_one_call_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None:
         ema_update_(m, g, 0.8, fused=True)
         project_(g, m, torch.zeros(n), fused=True)
         assert calls == ["gru_cpu_stats", "gru_cpu_fold", "gru_cpu_project"], calls
+        calls.clear()
+        ema_update_(m, g, 0.8, fused=True, sq_norms=True)  # no separate norm pass
+        assert calls == ["gru_cpu_fold"], calls
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_a_step_reads_the_retain_gradient_twice_only_to_skip_a_nonfinite_one(
+    monkeypatch, skip_nonfinite
+) -> None:
+    # An exact skip of a non-finite retain gradient needs its norm before the fold (two
+    # passes over it); without the check, the fold's own pass gives the norm.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    lib = NA._lib()
+    calls: list[str] = []
+
+    class Count:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+
+            def run(*args):
+                calls.append(name)
+                return fn(*args)
+
+            return run
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ref = [p.detach().clone() for p in net.parameters()]
+    opt = GRUOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), skip_nonfinite=skip_nonfinite)
+    assert opt.kernels == "cpu"
+    x = torch.randn(16, 6)
+    monkeypatch.setattr(NA, "_lib", lambda: Count())
+    opt.zero_grad()
+
+    def loss(sign: float):
+        def closure():
+            value = sign * net(x).square().mean()
+            value.backward()
+            return value
+
+        return closure
+
+    opt.step(loss(-1.0), loss(1.0))
+    retain = ["gru_cpu_sumsq", "gru_cpu_fold"] if skip_nonfinite else ["gru_cpu_fold"]
+    assert calls[: len(retain)] == retain, calls
+    assert calls.count("gru_cpu_sumsq") == int(skip_nonfinite), calls
+    # The reported retain norm is the norm of the gradient the retain closure produced.
+    net2 = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for a, b in zip(net2.parameters(), ref):
+            a.copy_(b)
+    net2(x).square().mean().backward()
+    want = torch.sqrt(sum(p.grad.double().square().sum() for p in net2.parameters()))
+    torch.testing.assert_close(
+        opt.last_stats["retain_grad_norm"].double(), want, rtol=1e-6, atol=0.0
+    )
 
 
 def test_refuses_what_it_cannot_take() -> None:

@@ -331,7 +331,7 @@ bool with_type(int code, F&& f) {
 
 extern "C" {
 
-int gru_cpu_abi() { return 2; }
+int gru_cpu_abi() { return 3; }
 
 int gru_cpu_sumsq(int64_t n, void* const* x, const int64_t* sizes, int xt, double* out,
                   int threads) {
@@ -379,29 +379,41 @@ int gru_cpu_stats(int64_t n, void* const* g, void* const* m, const int64_t* size
   return 0;
 }
 
+// sq (nullable): also |g|^2 per tensor, as gru_cpu_sumsq computes it, from the same read of
+// the gradient (whether or not the gate lets the fold happen).
 int gru_cpu_fold(int64_t n, void* const* g, void* const* m, const int64_t* sizes, int gt, int mt,
-                 const double* gammas, const int32_t* gate, int threads) {
-  if (*gate == 0) return 0;
+                 const double* gammas, const int32_t* gate, double* sq, int threads) {
+  bool fold = *gate != 0;
+  if (!fold && sq == nullptr) return 0;
   std::vector<Piece> ps = pieces(n, sizes);
+  std::vector<double> part(sq != nullptr ? ps.size() : 0);
   bool wide = gt == 1 || mt == 1, ok = false;
   with_type(gt, [&](auto tg) {
     ok = with_type(mt, [&](auto tm) {
       using G = decltype(tg);
       using M = decltype(tm);
       parallel<kElemGroup>(ps, threads, [&](int64_t k0, int cnt) {
+        SumSq<G> acc[kElemGroup];
         const Piece* p = &ps[k0];
         lockstep(p, cnt, [&](int j, int64_t off, int64_t len) {
           const G* gp = static_cast<const G*>(g[p[j].tensor]) + p[j].start + off;
           M* mp = static_cast<M*>(m[p[j].tensor]) + p[j].start + off;
+          if (sq != nullptr) acc[j].add(gp, len);  // the block is in L1 for the fold
+          if (!fold)
+            return;
           if (wide)
             fold_piece<G, M, double>(gp, mp, len, gammas[p[j].tensor]);
           else
             fold_piece<G, M, float>(gp, mp, len, float(gammas[p[j].tensor]));
         });
+        if (sq != nullptr)
+          for (int j = 0; j < cnt; ++j) acc[j].result(&part[k0 + j]);
       });
     });
   });
-  return ok ? 0 : 1;
+  if (!ok) return 1;
+  if (sq != nullptr) reduce(ps, part, 1, n, sq);
+  return 0;
 }
 
 int gru_cpu_project(int64_t n, void* const* g, void* const* m, const int64_t* sizes, int gt,
