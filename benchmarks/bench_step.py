@@ -19,6 +19,8 @@ Methods:
   settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``, ``fused=None``: on
   CPU the compiled C++ passes of ``gru_optim/_native.py``).
 - ``gru_foreach``: the same with ``fused=False`` (torch's foreach operations).
+- ``gru_nocheck``: the wrapper with ``skip_nonfinite=False``: no retain norm before the
+  fold (the fold's own pass gives it), so 32 B per parameter instead of 36.
 - ``gru_core``: the functional core alone: ``ema_update_`` then ``rectify_``, which are
   the functions ``step()`` runs (``rectify_`` is ``segment_stats``,
   ``conflict_coefficients`` and ``project_``, as the projection rule's ``solve`` and
@@ -65,6 +67,8 @@ GRU_MIN_BYTES_PER_ELEM = 36
 # path moves: retain norm 4, fold 12, forget norm 4, dots 8, ||m||^2 4, projection 12; the
 # functional core (ema_update_ + rectify_) skips the retain norm.
 GRU_WRAPPER_BYTES_PER_ELEM = GRU_MIN_BYTES_PER_ELEM
+# skip_nonfinite=False: the fold's own pass gives the retain norm (no separate read).
+GRU_NOCHECK_BYTES_PER_ELEM = GRU_MIN_BYTES_PER_ELEM - 4
 GRU_FOREACH_BYTES_PER_ELEM = 44
 GRU_CORE_BYTES_PER_ELEM = 40
 # foreach AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
@@ -74,6 +78,7 @@ ADAMW_MIN_BYTES_PER_ELEM = 28
 METHOD_LABELS = {
     "gru": "GRU wrapper (own work)",
     "gru_foreach": "GRU wrapper, fused=False (foreach)",
+    "gru_nocheck": "GRU wrapper, skip_nonfinite=False",
     "gru_core": "GRU functional core",
     "adamw": "AdamW foreach step",
     "adamw_fused": "AdamW fused step",
@@ -117,13 +122,23 @@ class _GRUWrapper(_Method):
     name = "gru"
 
     def __init__(
-        self, params: list[torch.Tensor], directions: int = 1, fused: bool | None = None
+        self,
+        params: list[torch.Tensor],
+        directions: int = 1,
+        fused: bool | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
         self.name = "gru" if directions == 1 else f"gru_k{directions}"
         if fused is False:
             self.name = "gru_foreach"
+        if not skip_nonfinite:
+            self.name = "gru_nocheck"
         self.opt = GRUOptimizer(
-            _NoOpOptimizer(params), gamma=GAMMA, directions=directions, fused=fused
+            _NoOpOptimizer(params),
+            gamma=GAMMA,
+            directions=directions,
+            fused=fused,
+            skip_nonfinite=skip_nonfinite,
         )
         self.kernels = self.opt.kernels
         self._ctx: Any = None
@@ -213,7 +228,8 @@ class _Triad(_Method):
 
 
 def available_methods(numel: int, include_baselines: bool, gru_k: bool = True) -> list[str]:
-    names = ["gru", "gru_foreach", "gru_core", "adamw", "adamw_fused", "copy", "triad"]
+    names = ["gru", "gru_nocheck", "gru_foreach", "gru_core", "adamw", "adamw_fused", "copy"]
+    names.append("triad")
     if gru_k:
         names[1:1] = ["gru_k2", "gru_k4", "gru_k8"]
     if include_baselines:
@@ -249,6 +265,8 @@ def measure(
             impls[m] = _GRUWrapper(params)
         elif m == "gru_foreach":
             impls[m] = _GRUWrapper(params, fused=False)
+        elif m == "gru_nocheck":
+            impls[m] = _GRUWrapper(params, skip_nonfinite=False)
         elif m.startswith("gru_k"):
             impls[m] = _GRUWrapper(params, directions=int(m[len("gru_k") :]))
         elif m == "triad":
@@ -315,6 +333,10 @@ def measure(
         for other in ("adamw", "adamw_fused", "reference", "pcgrad", "gru_core", "gru_foreach"):
             if other in med:
                 ratios[f"gru_over_{other}"] = med["gru"] / med[other]
+    if "gru_nocheck" in med:
+        for other in ("adamw", "adamw_fused"):
+            if other in med:
+                ratios[f"gru_nocheck_over_{other}"] = med["gru_nocheck"] / med[other]
         if "reference" in med:
             ratios["reference_over_gru"] = med["reference"] / med["gru"]
         if "pcgrad" in med:
@@ -353,6 +375,13 @@ def measure(
             if "gru_foreach" in med
             else None,
             "gru_foreach_bytes_per_param_actual": GRU_FOREACH_BYTES_PER_ELEM,
+            "gru_nocheck_bandwidth_GBps": GRU_NOCHECK_BYTES_PER_ELEM
+            * numel
+            / med["gru_nocheck"]
+            / 1e9
+            if "gru_nocheck" in med
+            else None,
+            "gru_nocheck_bytes_per_param_actual": GRU_NOCHECK_BYTES_PER_ELEM,
             "gru_min_bytes_per_param": GRU_MIN_BYTES_PER_ELEM,
             "gru_min_bytes": GRU_MIN_BYTES_PER_ELEM * numel,
             "gru_bound_s": t_bound,
@@ -360,7 +389,16 @@ def measure(
             "gru_core_bytes_per_param_actual": GRU_CORE_BYTES_PER_ELEM,
             "adamw_min_bytes_per_param": ADAMW_MIN_BYTES_PER_ELEM,
         }
-        for k in ("gru", "gru_foreach", "gru_core", "adamw", "adamw_fused", "reference", "pcgrad"):
+        for k in (
+            "gru",
+            "gru_nocheck",
+            "gru_foreach",
+            "gru_core",
+            "adamw",
+            "adamw_fused",
+            "reference",
+            "pcgrad",
+        ):
             if k in med:
                 res["bandwidth"][f"{k}_over_bound"] = med[k] / t_bound
     if verbose:
@@ -442,7 +480,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"({b['gru_wrapper_bytes_per_param_actual']} B/param, kernels "
             f"{res.get('gru_kernels')!r}); with fused=False "
             f"{b.get('gru_foreach_bandwidth_GBps') or float('nan'):.2f} GB/s "
-            f"({b['gru_foreach_bytes_per_param_actual']} B/param). The fused passes move "
+            f"({b['gru_foreach_bytes_per_param_actual']} B/param); with "
+            f"skip_nonfinite=False {b.get('gru_nocheck_bandwidth_GBps') or float('nan'):.2f}"
+            f" GB/s ({b.get('gru_nocheck_bytes_per_param_actual')} B/param). The fused "
+            f"passes move "
             f"{b['gru_min_bytes_per_param']} B per fp32 parameter "
             f"({b['gru_min_bytes'] / 1e6:.0f} MB here): a bound of "
             f"{b['gru_bound_s'] * 1e3:.1f} ms at the triad's bandwidth; the wrapper takes "

@@ -165,7 +165,7 @@ _TABLES: OrderedDict[Any, _Tables] = OrderedDict()
 
 def _tables(*roles: Sequence[Tensor]) -> _Tables:
     """Cached by the tensors' addresses and sizes (the same every step in steady training)."""
-    key = tuple(tuple((x.data_ptr(), x.numel()) for x in role) for role in roles)
+    key = tuple((tuple(map(Tensor.data_ptr, r)), tuple(map(Tensor.numel, r))) for r in roles)
     t = _TABLES.get(key)
     if t is None:
         for role in roles:

@@ -60,6 +60,7 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
     )
     assert data["conflict_every_step"] == {
         "gru": True,
+        "gru_nocheck": True,
         "gru_foreach": True,
         "gru_k2": True,
         "gru_k4": True,
@@ -72,6 +73,8 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
     assert b["gru_min_bytes"] == 36 * C.TINY.numel  # the fused kernels' traffic, fp32
     assert _finite_positive(b["triad_bandwidth_GBps"]) and _finite_positive(b["gru_over_bound"])
     assert _finite_positive(b["adamw_fused_bandwidth_GBps"])
+    assert b["gru_nocheck_bytes_per_param_actual"] == 32  # no retain norm pass
+    assert _finite_positive(data["ratios"]["gru_nocheck_over_adamw_fused"])
     md = (tmp_path / "bench_step.md").read_text()
     assert "| GRU wrapper (own work) |" in md and "reference-style GRU" in md
     assert payload["env"]["torch_threads"] >= 1
