@@ -333,14 +333,14 @@ def measure(
         for other in ("adamw", "adamw_fused", "reference", "pcgrad", "gru_core", "gru_foreach"):
             if other in med:
                 ratios[f"gru_over_{other}"] = med["gru"] / med[other]
-    if "gru_nocheck" in med:
-        for other in ("adamw", "adamw_fused"):
-            if other in med:
-                ratios[f"gru_nocheck_over_{other}"] = med["gru_nocheck"] / med[other]
         if "reference" in med:
             ratios["reference_over_gru"] = med["reference"] / med["gru"]
         if "pcgrad" in med:
             ratios["pcgrad_over_gru"] = med["pcgrad"] / med["gru"]
+    if "gru_nocheck" in med:
+        for other in ("adamw", "adamw_fused"):
+            if other in med:
+                ratios[f"gru_nocheck_over_{other}"] = med["gru_nocheck"] / med[other]
     if "gru_core" in med:
         for other in ("adamw", "reference"):
             if other in med:
@@ -401,9 +401,64 @@ def measure(
         ):
             if k in med:
                 res["bandwidth"][f"{k}_over_bound"] = med[k] / t_bound
+    if res.get("gru_kernels") == "cpu":
+        res["cpu_passes"] = pass_breakdown(params, repeats)
     if verbose:
         print_step_table(res)
     return res
+
+
+# Bytes each of the CPU kernels' passes moves per fp32 parameter, and what it does.
+PASSES = {
+    "sum_squares": (4, "retain norm: read g"),
+    "fold": (12, "fold: read g and m, write m"),
+    "stats": (8, "forget statistics: read g and m"),
+    "project": (12, "projection: read g and m, write g"),
+}
+
+
+def pass_breakdown(params: list[torch.Tensor], repeats: int) -> dict[str, Any] | None:
+    """Each pass of the CPU kernels alone over the same tensors (interleaved repeats):
+    milliseconds and effective bandwidth. ``None`` where the CPU kernels do not run."""
+    from gru_optim import _native
+
+    if _native.native_reason() is not None:
+        return None
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    ema = [torch.randn_like(g) for g in grads]
+    n = len(grads)
+    gammas = torch.full((n,), GAMMA, dtype=torch.float64)
+    coefs = torch.full((n,), 1e-12, dtype=torch.float64)  # nonzero: every tensor is written
+    open_, closed = torch.ones((), dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = C.clock()
+            fn()
+            return C.clock() - t0
+
+        return run
+
+    samples = C.interleaved(
+        {
+            "sum_squares": timed(lambda: _native.sum_squares(grads)),
+            "fold": timed(lambda: _native.fold_(ema, grads, gammas, open_)),
+            "stats": timed(lambda: _native.stats(grads, ema)),
+            "project": timed(lambda: _native.project_(grads, ema, coefs, closed)),
+        },
+        repeats,
+        1,
+    )
+    numel = sum(g.numel() for g in grads)
+    out = {}
+    for k, xs in samples.items():
+        st = C.summarize(xs)
+        out[k] = {
+            **st,
+            "bytes_per_param": PASSES[k][0],
+            "GBps": PASSES[k][0] * numel / st["median_s"] / 1e9,
+        }
+    return {"threads": torch.get_num_threads(), "passes": out}
 
 
 def step_rows(res: dict[str, Any]) -> list[list[Any]]:
@@ -488,6 +543,20 @@ def markdown(res: dict[str, Any]) -> str:
             f"({b['gru_min_bytes'] / 1e6:.0f} MB here): a bound of "
             f"{b['gru_bound_s'] * 1e3:.1f} ms at the triad's bandwidth; the wrapper takes "
             f"{b.get('gru_over_bound', float('nan')):.2f}x that bound.",
+        ]
+    cp = res.get("cpu_passes")
+    if cp:
+        rows = [
+            [PASSES[k][1], v["median_s"] * 1e3, v["bytes_per_param"], v["GBps"]]
+            for k, v in cp["passes"].items()
+        ]
+        lines += [
+            "",
+            f"The CPU kernels' passes one at a time over the same gradients ({cp['threads']} "
+            "threads, interleaved repeats; warm, so faster than inside a step, where each "
+            "pass follows a backward that wrote other memory):",
+            "",
+            C.markdown_table(["pass", "median ms", "B/param", "GB/s"], rows),
         ]
     return "\n".join(lines)
 

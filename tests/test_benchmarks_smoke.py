@@ -77,6 +77,12 @@ def test_bench_step_quick_writes_table_and_json(tmp_path):
     assert _finite_positive(data["ratios"]["gru_nocheck_over_adamw_fused"])
     md = (tmp_path / "bench_step.md").read_text()
     assert "| GRU wrapper (own work) |" in md and "reference-style GRU" in md
+    if data["gru_kernels"] == "cpu":  # each pass of the CPU kernels alone
+        passes = data["cpu_passes"]["passes"]
+        assert set(passes) == {"sum_squares", "fold", "stats", "project"}
+        assert all(_finite_positive(v["GBps"]) for v in passes.values())
+        assert sum(v["bytes_per_param"] for v in passes.values()) == 36
+        assert "| fold: read g and m, write m |" in md
     assert payload["env"]["torch_threads"] >= 1
 
 

@@ -1,11 +1,13 @@
 // GRU's passes on CPU tensors: one call per pass over every tensor of a group, threaded
 // over fixed chunks of elements ("pieces"). Each thread walks its pieces a few at a time in
 // lockstep (block by block, interleaved): one core then reads several memory streams at
-// once, which its hardware prefetchers need to approach the memory bandwidth (a single
-// read stream per core reached 7 GB/s of the 29 GB/s a triad reaches on two cores). The same contract as the Triton kernels
-// (gru_optim/_fused.py): sums accumulate in float64, per chunk and then per tensor in chunk
-// order, so a result does not depend on the number of threads; elementwise passes compute
-// in float32 (float64 when a tensor is float64) and round once into the stored dtype.
+// once, which its hardware prefetchers need to come near the memory bandwidth (one read
+// stream per core reached about a quarter of it on the two-core VM this was tuned on).
+//
+// The same contract as the Triton kernels (gru_optim/_fused.py): sums accumulate in
+// float64, per chunk and then per tensor in chunk order, so a result does not depend on the
+// number of threads; elementwise passes compute in float32 (float64 when a tensor is
+// float64) and round once into the stored dtype.
 //
 // Built on first use by gru_optim/_native.py with the system C++ compiler (GCC or Clang:
 // vector extensions, _Float16) and loaded with ctypes: C++17, no Python or torch headers.
