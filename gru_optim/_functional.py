@@ -111,7 +111,8 @@ def ema_update_(
         from . import _fused
 
         vals: list[Tensor | None] = [None] * len(grads)
-        for (dev, _, _), idx in _group(ema, grads).items():
+        groups = _group(ema, grads)
+        for (dev, _, _), idx in groups.items():
             ms = [ema[i] for i in idx]
             gs = [grads[i] for i in idx]
             g = gate if gate is not None else torch.ones((), dtype=torch.bool, device=dev)
@@ -119,6 +120,8 @@ def ema_update_(
                 ms, gs, _fused.device_floats([gamma] * len(ms), dev), g.to(dev), sq_norms=sq_norms
             )
             if sq is not None:
+                if _one_group(groups, len(grads)):
+                    return sq
                 for i, v in zip(idx, sq.unbind()):
                     vals[i] = v
         return _stack_scalars(vals, grads[0].device) if sq_norms else None
@@ -172,8 +175,12 @@ def tensor_sq_norms(
         from . import _fused
 
         vals: list[Tensor | None] = [None] * len(tensors)
-        for (_, _, _), idx in _group(tensors).items():
-            for i, v in zip(idx, _fused.sum_squares([tensors[i] for i in idx]).unbind()):
+        groups = _group(tensors)
+        for (_, _, _), idx in groups.items():
+            sq = _fused.sum_squares([tensors[i] for i in idx])
+            if _one_group(groups, len(tensors)):
+                return sq
+            for i, v in zip(idx, sq.unbind()):
                 vals[i] = v
         return _stack_scalars(vals, tensors[0].device)
     out: list[Tensor | None] = [None] * len(tensors)
@@ -231,6 +238,12 @@ def tensor_dots(
             yf = yf.to(cdtype)
         out.append(torch.dot(xf, yf))
     return _stack_scalars(out, a[0].device)
+
+
+def _one_group(groups: dict[_Key, list[int]], n: int) -> bool:
+    """Whether ``groups`` is a single group holding indices ``0 .. n-1`` in order: then a
+    group's result vector is already the result, with no per-tensor work."""
+    return len(groups) == 1 and next(iter(groups.values())) == list(range(n))
 
 
 def _stack_scalars(values: Sequence[Tensor | None], device: torch.device) -> Tensor:
@@ -504,8 +517,11 @@ def _fused_per_tensor(
     out: list[Tensor | None] = [None] * n
     paired = [i for i in range(n) if ema[i] is not None]
     alone = [i for i in range(n) if ema[i] is None]
-    for (_, _, _), idx in _group([tensors[i] for i in paired], [ema[i] for i in paired]).items():  # type: ignore[misc]
+    groups = _group([tensors[i] for i in paired], [ema[i] for i in paired])  # type: ignore[misc]
+    for (_, _, _), idx in groups.items():
         rows = _fused.stats([tensors[paired[j]] for j in idx], [ema[paired[j]] for j in idx])  # type: ignore[misc]
+        if not alone and _one_group(groups, n):
+            return rows[:, 0], rows[:, 2], rows[:, 1]
         for j, row in zip(idx, rows.unbind()):
             out[paired[j]] = row
     for (_, _, _), idx in _group([tensors[i] for i in alone]).items():

@@ -182,9 +182,12 @@ class RetainMemory:
             gs.append(g)
             idx.append(i)
         norms: list[Tensor | None] = [None] * len(grads)
+        whole: Tensor | None = None  # one gamma: the norms come back in order already
         for gm, (ms, gs, idx) in by_gamma.items():
             sq = ema_update_(ms, gs, gm, foreach=foreach, fused=fused, gate=gate, sq_norms=sq_norms)
-            if sq is not None:
+            if sq is not None and len(by_gamma) == 1:
+                whole = sq
+            elif sq is not None:
                 for i, v in zip(idx, sq.unbind()):
                     norms[i] = v
         decay: dict[float, list[Tensor]] = {}
@@ -214,6 +217,8 @@ class RetainMemory:
             self._slot = (slot + 1) % self.history
         if not sq_norms:
             return None
+        if whole is not None:
+            return whole
         if not grads:
             return torch.zeros(0)
         dtype = torch.promote_types(*{v.dtype for v in norms if v is not None}, torch.float32)
