@@ -384,10 +384,11 @@ def fp16_case(stage: int, rank: int) -> dict[str, Any]:
 
     from gru_optim.deepspeed import GRUDeepSpeed
 
-    # DeepSpeed's sanity check refuses fp16 on this CPU: torch.ops.mkldnn has no fp16
-    # support without AVX512-FP16 / AMX-FP16, so CPU_Accelerator.is_fp16_supported() is
-    # falsy ("ValueError: Type fp16 is not supported on your device."). The fp16 arithmetic
-    # itself runs on any CPU: lift the check to exercise DeepSpeed's real loss scaler.
+    # DeepSpeed's sanity check refuses fp16 on a CPU without AVX512-FP16 / AMX-FP16
+    # (torch.ops.mkldnn has no fp16 support there, so CPU_Accelerator.is_fp16_supported()
+    # is falsy: "ValueError: Type fp16 is not supported on your device."). The fp16
+    # arithmetic itself runs on any CPU: lift the check to exercise DeepSpeed's real loss
+    # scaler wherever the tests run.
     acc = get_accelerator()
     refused = not acc.is_fp16_supported()
     type(acc).is_fp16_supported = lambda self: True
