@@ -221,8 +221,12 @@ class RetainMemory:
             return whole
         if not grads:
             return torch.zeros(0)
-        dtype = torch.promote_types(*{v.dtype for v in norms if v is not None}, torch.float32)
-        return torch.stack([v.to(dtype) for v in norms if v is not None])
+        got = [n for n in norms if n is not None]
+        assert len(got) == len(norms)
+        dtype = torch.float32
+        for n in got:
+            dtype = torch.promote_types(dtype, n.dtype)
+        return torch.stack([n.to(dtype) for n in got])
 
     # ------------------------------------------------------------------ checkpoints
     def history_entry(self, p: Tensor) -> list[Tensor]:

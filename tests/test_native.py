@@ -324,3 +324,40 @@ def test_default_cpu_training_runs_the_cpu_kernels_and_matches_foreach(monkeypat
     assert conflicts > 0
     for x, y in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+def test_the_folds_norms_with_one_gamma_per_group(fused) -> None:
+    # Several groups, each with its own gamma (one fold call per gamma): the retain norm
+    # gathered from the folds is the norm of the whole retain gradient.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    groups = [
+        {"params": net[0].parameters(), "gru_gamma": 0.5},
+        {"params": net[2].parameters(), "gru_gamma": 0.9},
+    ]
+    opt = GRUOptimizer(torch.optim.SGD(groups, lr=0.1), skip_nonfinite=False, fused=fused)
+    assert [g["gru_gamma"] for g in opt.param_groups] == [0.5, 0.9]
+    x = torch.randn(16, 6)
+
+    def closure(sign: float):
+        def run():
+            loss = sign * net(x).square().mean()
+            loss.backward()
+            return loss
+
+        return run
+
+    for _ in range(2):
+        ref = [p.detach().clone() for p in net.parameters()]
+        opt.zero_grad()
+        opt.step(closure(-1.0), closure(1.0))
+        twin = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        with torch.no_grad():
+            for a, b in zip(twin.parameters(), ref):
+                a.copy_(b)
+        twin(x).square().mean().backward()
+        want = torch.sqrt(sum(p.grad.double().square().sum() for p in twin.parameters()))
+        torch.testing.assert_close(
+            opt.last_stats["retain_grad_norm"].double(), want, rtol=1e-6, atol=0.0
+        )
