@@ -35,6 +35,32 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def library_calls(monkeypatch):
+    """``start()`` records, from then on, the name of every function of the compiled
+    library that runs (the CPU kernels, with Triton's interpreter off); returns the list."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def start() -> list[str]:
+        lib = NA._lib()
+        calls: list[str] = []
+
+        class Count:
+            def __getattr__(self, name):
+                fn = getattr(lib, name)
+
+                def run(*args):
+                    calls.append(name)
+                    return fn(*args)
+
+                return run
+
+        monkeypatch.setattr(NA, "_lib", lambda: Count())
+        return calls
+
+    return start
+
+
 def _lists(gd, md, seed=0):
     gen = torch.Generator().manual_seed(seed)
     g = [torch.randn(n, generator=gen).to(gd) for n in SIZES]
@@ -145,24 +171,10 @@ def test_non_finite_inputs_give_non_finite_sums() -> None:
         assert not bool(torch.isfinite(NA.sum_squares(g)[0]))
 
 
-def test_one_call_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None:
+def test_one_call_per_pass_whatever_the_number_of_tensors(library_calls) -> None:
     from gru_optim.functional import ema_update_, project_, segment_stats
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    lib = NA._lib()
-    calls: list[str] = []
-
-    class Count:
-        def __getattr__(self, name):
-            fn = getattr(lib, name)
-
-            def run(*args):
-                calls.append(name)
-                return fn(*args)
-
-            return run
-
-    monkeypatch.setattr(NA, "_lib", lambda: Count())
+    calls = library_calls()
     for n in (3, 30):
         calls.clear()
         g = [torch.randn(50 + i) for i in range(n)]
@@ -178,31 +190,17 @@ def test_one_call_per_pass_whatever_the_number_of_tensors(monkeypatch) -> None:
 
 @pytest.mark.parametrize("skip_nonfinite", [True, False])
 def test_a_step_reads_the_retain_gradient_twice_only_to_skip_a_nonfinite_one(
-    monkeypatch, skip_nonfinite
+    library_calls, skip_nonfinite
 ) -> None:
     # An exact skip of a non-finite retain gradient needs its norm before the fold (two
     # passes over it); without the check, the fold's own pass gives the norm.
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    lib = NA._lib()
-    calls: list[str] = []
-
-    class Count:
-        def __getattr__(self, name):
-            fn = getattr(lib, name)
-
-            def run(*args):
-                calls.append(name)
-                return fn(*args)
-
-            return run
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     ref = [p.detach().clone() for p in net.parameters()]
     opt = GRUOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), skip_nonfinite=skip_nonfinite)
     assert opt.kernels == "cpu"
     x = torch.randn(16, 6)
-    monkeypatch.setattr(NA, "_lib", lambda: Count())
+    calls = library_calls()
     opt.zero_grad()
 
     def loss(sign: float):
