@@ -420,10 +420,10 @@ PASSES = {
 
 def pass_breakdown(params: list[torch.Tensor], repeats: int) -> dict[str, Any] | None:
     """Each pass of the CPU kernels alone over the same tensors (interleaved repeats),
-    and one fused AdamW step beside them: milliseconds and effective bandwidth, warm (the
-    same pass again) and right after the gradients were rewritten (an untimed copy into
-    them, as a backward writes them: the pass then also pays for writing those dirty
-    cache lines back). ``None`` where the CPU kernels do not run."""
+    and one fused AdamW step beside them: milliseconds and effective bandwidth, warm (right
+    after an untimed run of the same pass) and right after the gradients were rewritten
+    (an untimed copy into them, as a backward writes them: the pass then also pays for
+    writing those dirty cache lines back). ``None`` where the CPU kernels do not run."""
     from gru_optim import _native
 
     if _native.native_reason() is not None:
@@ -453,6 +453,8 @@ def pass_breakdown(params: list[torch.Tensor], repeats: int) -> dict[str, Any] |
         def run() -> float:
             if rewrite:
                 torch._foreach_copy_(grads, src)
+            else:
+                fn()  # warm: the same pass just ran (untimed)
             t0 = C.clock()
             fn()
             return C.clock() - t0
@@ -574,7 +576,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"The CPU kernels' passes one at a time over the same gradients ({cp['threads']} "
-            "threads, interleaved repeats), warm and right after an untimed copy into the "
+            "threads, interleaved repeats), warm (right after an untimed run of the same pass) "
+            "and right after an untimed copy into the "
             "gradients (as a backward writes them: the pass then also pays for writing "
             "those cache lines back), with one fused AdamW step under the same conditions:",
             "",
