@@ -234,7 +234,7 @@ def device_floats(values: Sequence[float], device: torch.device) -> Tensor:
 
 def _elementwise(
     name: str, grads: Sequence[Tensor], ema: Sequence[Tensor], *args: Tensor, **flags: Any
-) -> _Plan:
+) -> None:
     """Launch the pairwise elementwise kernel ``name`` over (gradient, memory) pairs."""
     k = _kernels()
     plan = _plan([grads, ema])
@@ -251,7 +251,6 @@ def _elementwise(
         BLOCK=plan.block,
         **flags,
     )
-    return plan
 
 
 def fold_(
@@ -269,12 +268,15 @@ def fold_(
     retain side then needs no separate norm pass."""
     if _native_cpu(grads[0]):
         return _native.fold_(ema, grads, gammas, gate, sq_norms=sq_norms)
-    dev = grads[0].device
-    n_blocks = _plan([grads, ema]).n_blocks
-    part = torch.empty(n_blocks if sq_norms else 1, dtype=torch.float64, device=dev)
-    plan = _elementwise(
-        "fold", grads, ema, gammas.contiguous(), gate.to(torch.int32), part, SUMSQ=sq_norms
+    gammas = gammas.contiguous()
+    plan = _plan([grads, ema])
+    # Without the norms the kernel never touches ``out``: any device pointer will do.
+    part = (
+        torch.empty(plan.n_blocks, dtype=torch.float64, device=grads[0].device)
+        if sq_norms
+        else gammas
     )
+    _elementwise("fold", grads, ema, gammas, gate.to(torch.int32), part, SUMSQ=sq_norms)
     return _reduce(plan, part, 1)[:, 0] if sq_norms else None
 
 

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._functional import ema_update_
+from ._functional import _stack_scalars, ema_update_
 from ._reduce import Reducer, local
 
 __all__ = ["EMA_KEY", "HISTORY_KEY", "RetainMemory"]
@@ -221,12 +221,7 @@ class RetainMemory:
             return whole
         if not grads:
             return torch.zeros(0)
-        got = [n for n in norms if n is not None]
-        assert len(got) == len(norms)
-        dtype = torch.float32
-        for n in got:
-            dtype = torch.promote_types(dtype, n.dtype)
-        return torch.stack([n.to(dtype) for n in got])
+        return _stack_scalars(norms, grads[0].device)
 
     # ------------------------------------------------------------------ checkpoints
     def history_entry(self, p: Tensor) -> list[Tensor]:

@@ -152,10 +152,10 @@ void reduce(const std::vector<Piece>& ps, const std::vector<double>& part, int n
     for (int c = 0; c < ncol; ++c) out[ps[k].tensor * ncol + c] += part[k * ncol + c];
 }
 
-// The sums: float64 accumulators in 4-lane vectors (GCC/Clang vector extensions), several
+// The sums: float64 accumulators in 8-lane vectors (GCC/Clang vector extensions), several
 // independent ones per sum so that the additions' latency does not bound the loop; each
-// element is widened to float64 exactly before it is multiplied. The order is fixed:
-// results are deterministic.
+// element is widened to float64 exactly before it is multiplied (load8, built on the
+// 4-lane loads below). The order is fixed: results are deterministic.
 typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef uint32_t v4u __attribute__((vector_size(16)));
@@ -195,8 +195,6 @@ inline v4d load4<_Float16>(const _Float16* p) {
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(__builtin_convertvector(h, v4f), v4d);
 }
-
-inline double hsum(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 // Eight elements widened to float64: one AVX-512 conversion where the CPU has it (twice the
 // conversions per cycle of AVX2, which bound the sums when the data is in cache), two
