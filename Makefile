@@ -17,9 +17,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# DeepSpeed JIT-compiles its CPU shared-memory communication op on first use (g++,
 	# about a minute): build it once here, not inside a test's time limit.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-	# GRU's CPU kernels (gru_optim/_native.py) compile on first use (g++, about 15 s):
+	# GRU's CPU kernels (gru_optim/kernels/_native.py) compile on first use (g++, about 15 s):
 	# built and cached here too.
-	$(BIN)/python -c "from gru_optim._native import build; build()"
+	$(BIN)/python -c "from gru_optim.kernels import build; build()"
 	touch $@
 
 demo: $(STAMP)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._objectives import IGNORE_INDEX
+from .objectives import IGNORE_INDEX
 
 __all__ = [
     "PairedCollator",

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ._data import PairedCollator, pad_examples
-from ._objectives import Objective, get_objective, nll_loss, token_mask
 from ._optimizer import GRUOptimizer
+from .objectives import Objective, get_objective, nll_loss, token_mask
 
 __all__ = ["GRUTrainer", "find_gru_optimizer", "mean_answer_nll"]
 

@@ -37,8 +37,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ._functional import _stack_scalars, ema_update_
 from ._reduce import Reducer, local
+from .functional import ema_update_
+from .kernels import stack_scalars as _stack_scalars
 
 __all__ = ["EMA_KEY", "HISTORY_KEY", "RetainMemory"]
 

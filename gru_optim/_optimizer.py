@@ -39,6 +39,7 @@ from ._pending import Pending, RetainPass, signature
 from ._rules import Cone, OneDirection, Rule, make_rule
 from ._sides import Closure, _Sides, check_loss
 from ._spaces import SPACES
+from .kernels import Backend, choose_backend
 
 __all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
 
@@ -108,8 +109,9 @@ class GRUOptimizer(_Sides, Optimizer):
             synchronisation in a step with a fused torch inner optimizer, at most one
             otherwise). ``None``: on CUDA when Triton is importable and the rule has a
             fused path (the projection and cos clip in gradient space), and on CPU the
-            same passes as compiled C++ (``gru_optim._native``, built on first use with
-            the system compiler; the foreach path where none is found, and while
+            same passes as compiled C++ (``gru_optim.kernels``, built on first use with
+            the system compiler; the foreach path where none is found or the build
+            fails, with a ``gru_optim.kernels.KernelFallbackWarning`` once, and while
             ``TRITON_INTERPRET=1`` is set); ``True`` on CPU tensors runs the Triton
             kernels under Triton's interpreter and needs ``TRITON_INTERPRET=1``;
             ``False``: the foreach path. :attr:`kernels` says which path runs.
@@ -221,36 +223,14 @@ class GRUOptimizer(_Sides, Optimizer):
             self._initializing = False
 
     def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> bool:
-        """Whether the fused kernels run (raises for ``fused=True`` where they cannot)."""
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        if fused is False:
-            return False
-        from ._fused import fused_reason, interpreting
-        from ._native import native_reason
-
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        devices = {p.device for p in params}
-        supported = isinstance(self._rule, OneDirection) and self.space == "gradient"
-        several = len(devices) != 1
-        reason = "the parameters are on several devices" if several else None
-        if fused is None:
-            if several or not supported:
-                return False
-            device = next(iter(devices))
-            if device.type == "cpu":
-                # The C++ kernels; Triton's interpreter is a test harness, not a fast path.
-                return not interpreting() and native_reason() is None
-            return device.type == "cuda" and fused_reason(device) is None
-        reason = reason or fused_reason(next(iter(devices)))
-        if not supported:
-            raise ValueError(
-                "fused=True runs the projection and cos clip in gradient space; GRU-k "
-                "(directions > 1), space='update' and custom rules use the foreach path"
-            )
-        if reason is not None:
-            raise ValueError(f"fused=True: {reason}")
-        return True
+        """Whether the compiled passes run: the choice of :func:`gru_optim.kernels.choose_backend`
+        (raises for ``fused=True`` where they cannot), kept as :attr:`kernels` reports it."""
+        self._backend = choose_backend(
+            fused,
+            {p.device for g in optimizer.param_groups for p in g["params"]},
+            supported=isinstance(self._rule, OneDirection) and self.space == "gradient",
+        )
+        return self._backend is not Backend.FOREACH
 
     def _real(self) -> GRUOptimizer:
         """This optimizer, also when a method is called through a wrapper that copied its
@@ -277,13 +257,7 @@ class GRUOptimizer(_Sides, Optimizer):
         GPU or under Triton's interpreter), ``"cpu"`` (the same passes as compiled C++)
         or ``"foreach"`` (torch's multi-tensor operations: GRU-k, update space, custom
         rules, ``fused=False``, or no compiler)."""
-        real = self._real()
-        if not real._fused:
-            return "foreach"
-        from ._fused import interpreting
-
-        dev = real._stats_device([p for g in real.param_groups for p in g["params"]])
-        return "cpu" if dev.type == "cpu" and not interpreting() else "triton"
+        return self._real()._backend.value
 
     # ------------------------------------------------------------------ delegation
     @property

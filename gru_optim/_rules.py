@@ -23,18 +23,19 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ._cone import cone_coefficients, segment_gram
-from ._functional import (
+from ._cone import cone_coefficients
+from ._groups import real
+from ._reduce import Reducer
+from .functional import (
     SegmentStats,
     conflict_coefficients,
     cosclip_coefficients,
     expand_segments,
     project_,
+    segment_gram,
     segment_stats,
     tensor_dots,
 )
-from ._groups import real
-from ._reduce import Reducer
 
 __all__ = ["Cone", "CosClip", "OneDirection", "Projection", "Rule", "Solution", "make_rule"]
 

@@ -26,7 +26,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._amp import AmpBoundary
-from ._functional import clip_coefficient, sum_sq, total_norm
 from ._groups import Hyper, read_groups
 from ._inner import step_inner
 from ._memory import RetainMemory
@@ -36,6 +35,7 @@ from ._reduce import Reducer, local
 from ._rules import CosClip, Rule
 from ._spaces import SPACES, closure_driven_step
 from ._stats import SkipReason, plain_stats, reason_of, step_stats
+from .functional import clip_coefficient, sum_sq, total_norm
 
 __all__ = ["Closure", "check_loss"]
 

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._functional import tensor_sq_norms
 from ._inner import step_inner
 from ._partition import Layout
 from ._reduce import local
 from ._rules import Solution
 from ._stats import SkipReason, reason_of
+from .functional import tensor_sq_norms
 
 if TYPE_CHECKING:
     from ._sides import _Sides as GRUOptimizer

@@ -44,7 +44,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import clip_coefficient, sum_sq, total_norm
 from ._groups import check_gamma, check_retain_weight, real
 from ._memory import RetainMemory
 from ._partition import PARTITIONS
@@ -52,6 +51,7 @@ from ._reduce import Reducer
 from ._rules import Cone, CosClip, Rule, make_rule
 from ._sides import check_loss
 from ._stats import SkipReason, plain_stats, reason_of, step_stats
+from .functional import clip_coefficient, sum_sq, total_norm
 
 __all__ = ["GRUDeepSpeed", "MEMORY_FILE", "TESTED_DEEPSPEED"]
 
