@@ -1,11 +1,11 @@
 """Per-segment sums and the one reduction recipe every statistic follows.
 
 :func:`segment_sums` is the recipe shared by the statistics of one direction
-(:func:`~gru_optim.functional.segment_stats`), the Gram matrices of several
-(:func:`~gru_optim.functional.segment_gram`) and the retain norm
-(:func:`~gru_optim.functional._tensors.sum_sq`): per-tensor sums -> per-segment sums ->
-one packed all-reduce -> range check -> on the CPU, an exact float64 recomputation of
-what float32 cannot hold.
+(:func:`~gru_optim.functional.segment_stats`) and the Gram matrices of several
+(:func:`~gru_optim.functional.segment_gram`): per-tensor sums -> per-segment sums -> one
+packed all-reduce -> range check -> on the CPU, an exact float64 recomputation of what
+float32 cannot hold. (The retain norm, :func:`~gru_optim.functional.sum_sq`, one sum
+without flags on every step's retain side, keeps a lean copy of the same steps.)
 
 Dynamic range. Float32 sums of squares are exact to rounding while the elements that
 dominate a tensor are between about ``1e-19`` and ``1e19`` in magnitude (their squares

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .. import kernels as K
-from ._sums import segment_sums
 
 __all__ = [
     "clip_coefficient",
@@ -105,13 +104,19 @@ def sum_sq(
     float64 (the fused path always accumulates in float64)."""
     if len(tensors) == 0:
         return torch.zeros(())
-    packed, _ = segment_sums(
-        lambda dtype: [tensor_sq_norms(tensors, foreach=foreach, dtype=dtype, fused=fused)],
-        None,
-        all_reduce=all_reduce,
-        in_range=lambda packed, exact: torch.isfinite(packed[0]),
-    )
-    return packed[0, 0]
+    # The retain norm's own lean form of the recipe of :func:`._sums.segment_sums` (one
+    # segment, no range flags to return): it runs on every step's retain side.
+
+    def total(dtype: torch.dtype | None) -> Tensor:
+        t = tensor_sq_norms(tensors, foreach=foreach, dtype=dtype, fused=fused).sum().reshape(1)
+        if all_reduce is not None:
+            all_reduce(t)
+        return t[0]
+
+    out = total(None)
+    if out.dtype == torch.float32 and out.device.type == "cpu" and not bool(torch.isfinite(out)):
+        out = total(torch.float64)
+    return out
 
 
 def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:

@@ -141,15 +141,12 @@ def _build(cxx: Sequence[str]) -> Path:
     return out
 
 
+_OFF = ("0", "false", "no", "off", "n")
+
+
 def turned_off() -> bool:
-    """Whether ``GRU_OPTIM_NATIVE=0`` turns the CPU kernels off."""
-    return os.environ.get("GRU_OPTIM_NATIVE", "").strip().lower() in (
-        "0",
-        "false",
-        "no",
-        "off",
-        "n",
-    )
+    """Whether ``GRU_OPTIM_NATIVE=0`` (or another false value) turns the CPU kernels off."""
+    return os.environ.get("GRU_OPTIM_NATIVE", "").strip().lower() in _OFF
 
 
 @functools.cache
