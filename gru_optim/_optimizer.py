@@ -197,7 +197,8 @@ class GRUOptimizer(_Sides, Optimizer):
         self.max_grad_norm: float | None = max_grad_norm
         self.skip_nonfinite = skip_nonfinite
         self.foreach = foreach
-        self._fused = self._resolve_fused(fused, optimizer)
+        self._backend = self._resolve_fused(fused, optimizer)
+        self._fused = self._backend is not Backend.FOREACH
         self._device_skip = self._fused and _takes_device_found_inf(optimizer)
         self._hdefaults: dict[str, Any] = {
             GAMMA_KEY: gamma,
@@ -222,15 +223,14 @@ class GRUOptimizer(_Sides, Optimizer):
         finally:
             self._initializing = False
 
-    def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> bool:
-        """Whether the compiled passes run: the choice of :func:`gru_optim.kernels.choose_backend`
-        (raises for ``fused=True`` where they cannot), kept as :attr:`kernels` reports it."""
-        self._backend = choose_backend(
+    def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> Backend:
+        """Where the passes run: :func:`gru_optim.kernels.choose_backend`'s answer, once
+        (raises for ``fused=True`` where the fused kernels cannot run)."""
+        return choose_backend(
             fused,
             {p.device for g in optimizer.param_groups for p in g["params"]},
             supported=isinstance(self._rule, OneDirection) and self.space == "gradient",
         )
-        return self._backend is not Backend.FOREACH
 
     def _real(self) -> GRUOptimizer:
         """This optimizer, also when a method is called through a wrapper that copied its
