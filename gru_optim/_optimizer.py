@@ -168,6 +168,13 @@ class GRUOptimizer(_Sides, Optimizer):
                 f"{type(optimizer).__name__}; build the optimizer first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
             )
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps only sparse gradients, and the rectified gradient "
+                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
+                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
+                "gradients (nn.Embedding(sparse=True)) itself"
+            )
         gamma = check_gamma(gamma)
         retain_weight = check_retain_weight(retain_weight)
         if granularity not in PARTITIONS:

@@ -136,6 +136,7 @@ def closure_driven_step(
         if opt.space != "gradient":
             return loss
         params = opt._trainable()
+        opt._densify(params)
         with torch.no_grad():
             layout = build_layout(params)
             vectors = [local(p.grad) for p in layout.members]  # type: ignore[arg-type]
