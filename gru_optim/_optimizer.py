@@ -32,7 +32,7 @@ from ._groups import (
     fill_groups,
     real,
 )
-from ._inner import needs_closure
+from ._inner import needs_closure, not_ready
 from ._memory import EMA_KEY, RetainMemory
 from ._partition import PARTITIONS, Granularity
 from ._pending import Pending, RetainPass, signature
@@ -293,6 +293,27 @@ class GRUOptimizer(_Sides, Optimizer):
         return "cpu" if dev.type == "cpu" and not interpreting() else "triton"
 
     # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes of the inner optimizer that this class does not define
+        (schedule-free's ``train()`` / ``eval()``, Lookahead's ``backup_and_load_cache()``,
+        ...), so that training loops that look for them on the optimizer (``hasattr(opt,
+        "train")``: the HF Trainer, ``GRUTrainer``) find them. Only called when normal
+        lookup fails; private names are never delegated, and nothing is found before
+        ``__init__`` set the inner optimizer (unpickling, ``copy``). Calling an inner
+        method bypasses GRU: methods that step are GRU's own (``step``)."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def _check_ready(self) -> None:
+        """Refuse a GRU step the inner optimizer would refuse, before anything changes."""
+        reason = not_ready(self._inner)
+        if reason is not None:
+            raise RuntimeError(reason)
+
     @property
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer."""
@@ -482,6 +503,7 @@ class GRUOptimizer(_Sides, Optimizer):
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
         hypers = self._read_hyper()
+        self._check_ready()
         handle = RetainPass(check_loss(loss, "retain_pass loss") if loss is not None else None)
         self._in_retain_pass = True
         try:
@@ -586,6 +608,7 @@ class GRUOptimizer(_Sides, Optimizer):
         hypers = self._read_hyper()
         self._check_combinations(hypers)
         # Everything that can be refused is refused here, before the retain side folds.
+        self._check_ready()
         if self._closure_driven:
             if closure is None:
                 raise RuntimeError(
