@@ -9,7 +9,6 @@ every global hook would fire twice per step.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import re
 from typing import Any
@@ -41,14 +40,17 @@ def needs_closure(optimizer: Optimizer) -> bool:
     return param.default is inspect.Parameter.empty or gradient_first(optimizer)
 
 
-@functools.cache
-def _refuses_no_closure(cls: type) -> bool:
-    fn = inspect.unwrap(cls.step)
-    try:
-        source = inspect.getsource(fn)
-    except (OSError, TypeError):  # no source (a compiled or generated step)
-        return False
-    return _REFUSES_NO_CLOSURE.search(source) is not None
+_REFUSES: dict[type[Optimizer], bool] = {}
+
+
+def _refuses_no_closure(cls: type[Optimizer]) -> bool:
+    if cls not in _REFUSES:
+        try:
+            source = inspect.getsource(inspect.unwrap(cls.step))
+        except (OSError, TypeError):  # no source (a compiled or generated step)
+            source = ""
+        _REFUSES[cls] = _REFUSES_NO_CLOSURE.search(source) is not None
+    return _REFUSES[cls]
 
 
 def gradient_first(optimizer: Optimizer) -> bool:
