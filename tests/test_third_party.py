@@ -324,3 +324,48 @@ def test_sam_gru_steps_rectify_every_evaluation_against_one_fold() -> None:
         opt.step(*closures(net, i))
         opt2.step(*closures(twin, i))
     _equal(net, twin)
+
+
+# ---------------------------------------------------------------- HF Trainer (item 9)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_gru_trainer_switches_a_schedule_free_optimizer_through_the_wrapper(tmp_path) -> None:
+    from _tiny_models import FORGET_AUTHORS, RETAIN_AUTHORS, qa_examples, tiny_model, tiny_tokenizer
+    from transformers import TrainingArguments
+
+    from gru_optim.data import PairedUnlearningDataset
+    from gru_optim.hf import GRUTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=3,
+        learning_rate=5e-3,
+        optim="schedule_free_adamw",
+        lr_scheduler_type="constant",
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = GRUTrainer(
+        model=tiny_model("gpt2"),
+        args=args,
+        train_dataset=PairedUnlearningDataset(
+            qa_examples(FORGET_AUTHORS), qa_examples(RETAIN_AUTHORS)
+        ),
+        processing_class=tiny_tokenizer(),
+        objective="graddiff",
+    )
+    trainer.train()  # on a wrapper without train(): the inner step refuses, after the fold
+    gru = trainer.gru_optimizer
+    assert isinstance(gru.optimizer, sf.AdamWScheduleFree)
+    assert gru.optimizer.param_groups[0]["train_mode"]  # switched through the wrapper
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3 and all("gru_conflict" in h for h in logs)
+    gru.eval()
+    assert not gru.optimizer.param_groups[0]["train_mode"]
