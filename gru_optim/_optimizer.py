@@ -309,10 +309,17 @@ class GRUOptimizer(_Sides, Optimizer):
         return getattr(inner, name)
 
     def _check_ready(self) -> None:
-        """Refuse a GRU step the inner optimizer would refuse, before anything changes."""
+        """Refuse a GRU step that would fail part-way, before anything changes: one the
+        inner optimizer would refuse, or complex parameters under a gradient scaler."""
         reason = not_ready(self._inner)
         if reason is not None:
             raise RuntimeError(reason)
+        if self._amp.scaler is not None and any(p.is_complex() for p in self._trainable()):
+            raise RuntimeError(
+                "torch's GradScaler does not unscale complex gradients "
+                "(_amp_foreach_non_finite_check_and_unscale_ is not implemented for complex "
+                "dtypes): train complex parameters without grad_scaler (bf16 autocast or fp32)"
+            )
 
     @property
     def optimizer(self) -> Optimizer:

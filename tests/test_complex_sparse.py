@@ -280,3 +280,26 @@ def test_sparse_adam_is_refused_before_anything_changes() -> None:
         GRUOptimizer(inner)
     after = inner.param_groups[0]
     assert set(after) == set(before)  # no gru_* key written into the inner optimizer
+
+
+def test_complex_parameters_under_a_grad_scaler_are_refused_before_the_fold() -> None:
+    # torch's GradScaler cannot unscale complex gradients; a complex gradient from the
+    # forget pass alone would otherwise fail after the retain side folded.
+    cnet, _ = _pair(torch.complex64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    opt = GRUOptimizer(torch.optim.Adam(cnet.parameters(), lr=0.05), grad_scaler=scaler)
+    xr, xf = _batches(torch.complex64, 1)[0]
+
+    def retain() -> Tensor:
+        loss = ((cnet.b - 1) ** 2).sum()  # the real bias only
+        scaler.scale(loss).backward()
+        return loss
+
+    def forget() -> Tensor:
+        loss = cnet.loss(xf, forget=True)
+        scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="does not unscale complex gradients"):
+        opt.step(forget, retain)
+    assert opt.retain_memory(cnet.b) is None and len(opt.optimizer.state) == 0
