@@ -303,7 +303,9 @@ class GRUOptimizer(_Sides, Optimizer):
         method bypasses GRU: methods that step are GRU's own (``step``)."""
         if name.startswith("_"):
             raise AttributeError(name)
-        inner = self.__dict__.get("_inner")
+        # Through _real() (which reads __dict__ only): Lightning's LightningOptimizer
+        # keeps the original as _optimizer.
+        inner = self._real().__dict__.get("_inner")
         if inner is None:
             raise AttributeError(name)
         return getattr(inner, name)
