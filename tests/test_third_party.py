@@ -13,16 +13,14 @@ import copy
 from collections.abc import Callable
 
 import pytest
+
+# the test extra installs both (setup.cfg): a missing one fails, it is never skipped
+import pytorch_optimizer as po
+import schedulefree as sf
 import torch
 from torch import Tensor, nn
 
-pytest.importorskip("pytorch_optimizer")
-pytest.importorskip("schedulefree")
-
-import pytorch_optimizer as po  # noqa: E402
-import schedulefree as sf  # noqa: E402
-
-from gru_optim import GRUOptimizer  # noqa: E402
+from gru_optim import GRUOptimizer
 
 
 def _net(dtype: torch.dtype = torch.float32) -> nn.Module:
