@@ -73,6 +73,13 @@ _OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[GRUOptimizer]] = (
 )
 
 
+def _check_plain_steps(value: Any) -> None:
+    if not isinstance(value, str) or value not in _PLAIN_STEPS:
+        raise ValueError(
+            f"plain_steps must be one of {', '.join(map(repr, _PLAIN_STEPS))}, got {value!r}"
+        )
+
+
 def _refuse_second_wrapper(optimizer: Optimizer) -> None:
     """Raise when a live GRUOptimizer already wraps ``optimizer``.
 
@@ -281,11 +288,7 @@ class GRUOptimizer(_Sides, Optimizer):
             given[GAMMA_KEY] = check_gamma(gamma)
         if retain_weight is not None:
             given[RETAIN_WEIGHT_KEY] = check_retain_weight(retain_weight)
-        if plain_steps not in _PLAIN_STEPS:
-            raise ValueError(
-                f"plain_steps must be one of {', '.join(map(repr, _PLAIN_STEPS))}, "
-                f"got {plain_steps!r}"
-            )
+        _check_plain_steps(plain_steps)
         if granularity not in PARTITIONS:
             raise ValueError(
                 f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, "
@@ -321,7 +324,7 @@ class GRUOptimizer(_Sides, Optimizer):
             {GAMMA_KEY: _DEFAULT_GAMMA, RETAIN_WEIGHT_KEY: 0.0},
         )
         self._closure_driven = needs_closure(optimizer)
-        self.plain_steps: PlainSteps = plain_steps
+        self._plain_steps: PlainSteps = plain_steps
         self._warned_plain = False
         self._update_buffers: dict[Any, Tensor] = {}
         self._pending: Pending | None = None
@@ -515,6 +518,18 @@ class GRUOptimizer(_Sides, Optimizer):
         return self._rule
 
     @property
+    def plain_steps(self) -> PlainSteps:
+        """What a step given no retain gradient does: ``"warn"``, ``"error"`` or
+        ``"allow"`` (see the constructor); settable."""
+        value: PlainSteps = self._real().__dict__["_plain_steps"]
+        return value
+
+    @plain_steps.setter
+    def plain_steps(self, value: PlainSteps) -> None:
+        _check_plain_steps(value)
+        self._real().__dict__["_plain_steps"] = value
+
+    @property
     def ema_dtype(self) -> torch.dtype | None:
         return self._memory.dtype
 
@@ -580,7 +595,7 @@ class GRUOptimizer(_Sides, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_initializing"] = False
-        state.setdefault("plain_steps", "warn")
+        state.setdefault("_plain_steps", "warn")
         state.setdefault("_warned_plain", False)
         super().__setstate__(state)
         # A deep copy or an unpickled optimizer wraps its own copy of the inner one.

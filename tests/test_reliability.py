@@ -464,3 +464,18 @@ def test_plain_steps_is_validated() -> None:
     with pytest.raises(ValueError, match="plain_steps must be one of 'warn', 'error', 'allow'"):
         GRUOptimizer(inner, plain_steps="ignore")  # type: ignore[arg-type]
     assert _gru_keys(inner.param_groups) == [{}]
+
+
+def test_plain_steps_can_be_changed_and_is_validated_when_set() -> None:
+    model = _model()
+    opt = GRUOptimizer(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ValueError, match="plain_steps must be one of"):
+        opt.plain_steps = "never"  # type: ignore[assignment]
+    assert opt.plain_steps == "warn"
+    opt.plain_steps = "allow"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _plain(model, opt)
+    opt.plain_steps = "error"
+    with pytest.raises(RuntimeError, match="got no retain gradient"):
+        _plain(model, opt)
