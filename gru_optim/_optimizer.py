@@ -73,6 +73,18 @@ _OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[GRUOptimizer]] = (
 )
 
 
+def _gru_inside(optimizer: Any) -> bool:
+    """Whether a GRUOptimizer sits inside ``optimizer`` (Accelerate's
+    ``AcceleratedOptimizer`` or any wrapper exposing ``.optimizer``)."""
+    for _ in range(8):
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return False
+        if isinstance(optimizer, GRUOptimizer):
+            return True
+    return False
+
+
 def _check_plain_steps(value: Any) -> None:
     if not isinstance(value, str) or value not in _PLAIN_STEPS:
         raise ValueError(
@@ -274,6 +286,12 @@ class GRUOptimizer(_Sides, Optimizer):
     ) -> None:
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
+        if _gru_inside(optimizer):
+            raise TypeError(
+                f"the optimizer ({type(optimizer).__name__}) already wraps a GRUOptimizer "
+                "(as its .optimizer): GRU would rectify twice, the inner one with no retain "
+                "pass; wrap the plain optimizer once and use that GRUOptimizer"
+            )
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
