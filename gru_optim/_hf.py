@@ -201,12 +201,18 @@ class GRUTrainer(Trainer):
             if self.args.max_grad_norm and self.args.max_grad_norm > 0
             else None
         )
-        if not isinstance(opt, GRUOptimizer):
+        try:
+            # A second train() finds the GRUOptimizer inside Accelerate's wrapper: wrapping
+            # that again would rectify twice (the inner one with no retain pass).
+            found: GRUOptimizer | None = find_gru_optimizer(opt)
+        except TypeError:
+            found = None
+        if found is None:
             kwargs = dict(self.gru_kwargs)
             kwargs.setdefault("max_grad_norm", clip)
             opt = GRUOptimizer(opt, **kwargs)
             self.optimizer = opt
-        elif opt.max_grad_norm is None:
+        elif (opt := found).max_grad_norm is None:
             opt.max_grad_norm = clip
         elif clip is not None and opt.max_grad_norm != clip:
             raise ValueError(
@@ -331,6 +337,9 @@ class GRUTrainer(Trainer):
         opt = self.gru_optimizer
         model = self.model_wrapped
         model.train()
+        # The step starts here, before training_step: a schedule-free optimizer must be in
+        # train mode before the retain pass (GRU refuses it in eval mode, before the fold).
+        self._optimizer_train()
         last = len(batch_samples) - 1
         with opt.retain_pass() as rp:
             for k, b in enumerate(batch_samples):
@@ -368,6 +377,17 @@ class GRUTrainer(Trainer):
                 total = total + loss.detach().cpu()
         self._gru_log["retain_loss"].append(total)
 
+    def _optimizer_train(self) -> None:
+        """Put the optimizer in train mode where it has one (schedule-free optimizers;
+        ``GRUOptimizer`` forwards ``train()`` to the optimizer it wraps), as the Trainer's
+        own ``training_step`` does."""
+        if (
+            self.optimizer is not None
+            and hasattr(self.optimizer, "train")
+            and callable(self.optimizer.train)
+        ):
+            self.optimizer.train()
+
     def training_step(
         self,
         model: nn.Module,
@@ -390,12 +410,7 @@ class GRUTrainer(Trainer):
                 self._record_stats(gru.last_stats)
             return loss.detach()  # type: ignore[union-attr]
         model.train()
-        if (
-            self.optimizer is not None
-            and hasattr(self.optimizer, "train")
-            and callable(self.optimizer.train)
-        ):
-            self.optimizer.train()
+        self._optimizer_train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             # return_outputs=False: compute_loss returns the loss alone
