@@ -17,12 +17,14 @@ from ._pending import RetainPass
 from ._rules import COS_CLIP_KEY
 from ._stats import SkipReason
 from ._version import __version__
+from .kernels import KernelFallbackWarning
 
 __all__ = [
     "COS_CLIP_KEY",
     "EMA_KEY",
     "GAMMA_KEY",
     "GRUOptimizer",
+    "KernelFallbackWarning",
     "PlainStepWarning",
     "RETAIN_WEIGHT_KEY",
     "RetainPass",

@@ -215,7 +215,7 @@ class GRUOptimizer(_Sides, Optimizer):
             fused path (the projection and cos clip in gradient space), and on CPU the
             same passes as compiled C++ (``gru_optim.kernels``, built on first use with
             the system compiler; the foreach path where none is found or the build
-            fails, with a ``gru_optim.kernels.KernelFallbackWarning`` once, and while
+            fails, with a ``gru_optim.KernelFallbackWarning`` once, and while
             ``TRITON_INTERPRET=1`` is set); ``True`` on CPU tensors runs the Triton
             kernels under Triton's interpreter and needs ``TRITON_INTERPRET=1``;
             ``False``: the foreach path. :attr:`kernels` says which path runs.

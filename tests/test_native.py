@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+import gru_optim
 from gru_optim import GRUOptimizer
 from gru_optim.kernels import KernelFallbackWarning
 from gru_optim.kernels import _dispatch as dispatch
@@ -335,6 +336,7 @@ def test_turned_off_by_the_environment_without_a_warning() -> None:
 def test_the_fallback_warns_once_and_only_where_the_cpu_kernels_were_expected(
     monkeypatch,
 ) -> None:
+    assert gru_optim.KernelFallbackWarning is KernelFallbackWarning  # exported at the top
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(dispatch, "native_reason", lambda: "no compiler here")
     monkeypatch.setattr(dispatch, "_WARNED", set())
