@@ -70,7 +70,7 @@ def _list_cell(value: Any) -> Any:
 
 def _read_with_datasets(path: Path) -> list[dict[str, Any]]:
     try:
-        import datasets
+        import datasets  # type: ignore[import-untyped]
     except ImportError as e:
         raise RowsError(
             f"{path}: reading Parquet files and datasets folders needs the 'datasets' "

@@ -140,7 +140,7 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(_int, 0, "seed of the initialisation, the data order and the pairing"),
     "bf16": Option(_bool, False, "train in bf16 mixed precision", switch=True),
     "lora": Option(_int, None, "train a LoRA adapter of this rank (PEFT), merged when saved"),
-    "lora_alpha": Option(_float, None, "LoRA alpha (default 2 * rank)"),
+    "lora_alpha": Option(_int, None, "LoRA alpha (default 2 * rank)"),
     "max_length": Option(_int, 512, "truncate examples to this many tokens", sweepable=False),
     "prompt_format": Option(
         _str, "auto", "auto (chat template if any), chat or plain", sweepable=False
@@ -231,7 +231,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     p = Path(path)
     if not p.is_file():

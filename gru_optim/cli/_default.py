@@ -89,7 +89,9 @@ def prepare_demo(cache_dir: str | Path) -> dict[str, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model")
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    hf_tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>"
+    )
     hf_tok.save_pretrained(tmp / "model")
     _write_jsonl(tmp / "forget.jsonl", forget)
     _write_jsonl(tmp / "retain.jsonl", retain)

@@ -284,8 +284,8 @@ def evaluate(
                 out[name] = m
         if has_holdout and "forget" in out:
             f, h = scores["forget"], scores["holdout"]
-            out["forget"]["mia_minkpp_auc"] = mia_auc(f.minkpp, h.minkpp)
-            out["forget"]["mia_loss_auc"] = mia_auc(f.mean_logp, h.mean_logp)
+            out["forget"]["mia_minkpp_auc"] = mia_auc(f.minkpp.tolist(), h.minkpp.tolist())
+            out["forget"]["mia_loss_auc"] = mia_auc(f.mean_logp.tolist(), h.mean_logp.tolist())
     finally:
         model.train(was_training)
     return out

@@ -27,7 +27,7 @@ def _jsonable(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write_yaml(path: Path, data: Mapping[str, Any]) -> None:
-    import yaml
+    import yaml  # type: ignore[import-untyped]
 
     path.write_text(yaml.safe_dump(_jsonable(data), sort_keys=False), encoding="utf-8")
 

@@ -87,7 +87,7 @@ def load_model(path: str, dtype: str = "float32") -> Any:
     return model
 
 
-def add_lora(model: Any, rank: int, alpha: float | None) -> Any:
+def add_lora(model: Any, rank: int, alpha: int | None) -> Any:
     """``model`` with a LoRA adapter of rank ``rank`` on every linear layer (PEFT)."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
@@ -107,9 +107,9 @@ def add_lora(model: Any, rank: int, alpha: float | None) -> Any:
 def _plain_trainer_class() -> type:
     from transformers import Trainer
 
-    from ..objectives import get_objective, nll_loss
+    from ..objectives import Objective, get_objective, nll_loss
 
-    class _Plain(Trainer):  # type: ignore[misc]
+    class _Plain(Trainer):
         """The objective on paired batches with the Trainer's own optimizer and clipping:
         the baseline GRU is compared with (same data, pairing, objective and optimizer)."""
 
@@ -118,7 +118,7 @@ def _plain_trainer_class() -> type:
         ) -> None:
             super().__init__(*args, **kw)
             self.args.remove_unused_columns = False
-            self.objective = get_objective(objective, **dict(objective_kwargs))
+            self.objective: Objective = get_objective(objective, **dict(objective_kwargs))
             self._retain_log: list[Tensor] = []
             self._ref: nn.Module | None = None
             self._ref_adapters = False
@@ -126,8 +126,10 @@ def _plain_trainer_class() -> type:
                 if hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config"):
                     self._ref_adapters = True
                 else:
-                    self._ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-                    self._ref.to(self.args.device)
+                    trained: Any = self.model
+                    frozen: nn.Module = copy.deepcopy(trained)
+                    frozen.eval().requires_grad_(False)
+                    self._ref = frozen.to(self.args.device)
 
         def _reference(self, model: nn.Module) -> Any:
             if self._ref_adapters:
@@ -182,7 +184,7 @@ def _progress_callback(desc: str) -> Any:
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
-    class _Progress(TrainerCallback):  # type: ignore[misc]
+    class _Progress(TrainerCallback):
         """A progress bar over the optimizer steps, with the last logged losses."""
 
         bar: Any = None
@@ -285,7 +287,7 @@ def train_run(
         )
     trainer.remove_callback(ProgressCallback)  # the bar above replaces them
     trainer.remove_callback(PrinterCallback)
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None  # type: ignore[no-untyped-call]
     trainer.train(resume_from_checkpoint=last)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     if cfg["lora"] is not None:
