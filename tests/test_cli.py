@@ -363,3 +363,35 @@ def test_killed_process_leaves_no_output(workdir: Path, tmp_path: Path) -> None:
     assert not out.exists() and partial.is_dir()
     assert not list(partial.rglob("report.json"))
     shutil.rmtree(partial)
+
+
+def test_text_rows_train_on_every_token(workdir: Path, tmp_path: Path) -> None:
+    def texts(names: list[str]) -> list[dict[str, str]]:
+        return [{"text": f"{q} {a}"} for n in names for q, a in author_facts(n, FIRST.index(n))]
+
+    forget = write_jsonl(tmp_path / "f.jsonl", texts(FIRST[:2]))
+    retain = write_jsonl(tmp_path / "r.jsonl", texts(FIRST[2:6]))
+    out = unlearn(
+        args(
+            workdir,
+            tmp_path / "out",
+            "--forget",
+            str(forget),
+            "--retain",
+            str(retain),
+            "--steps",
+            "2",
+        )
+    )
+    rep = report(out)
+    assert set(rep["after"]["forget"]) == {"nll", "prob", "rouge_l"}  # no truth ratio
+    tok = tiny_tokenizer()
+    ex = encode_qa_rows(tok, read_rows(forget))
+    assert all(e["labels"] == e["input_ids"] for e in ex)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert mean_answer_nll(model, ex, tok.pad_token_id) == pytest.approx(
+        rep["after"]["forget"]["nll"], rel=1e-5
+    )
+    mixed = write_jsonl(tmp_path / "m.jsonl", qa_rows(FIRST[2:3]))
+    with pytest.raises(UsageError, match="mix question/answer rows and text rows"):
+        unlearn(args(workdir, tmp_path / "out2", "--forget", str(forget), "--retain", str(mixed)))
