@@ -156,7 +156,12 @@ OPTIONS: dict[str, Option] = {
         _float, 0.2, "checkpoint every N steps (< 1: that fraction of the run), for --resume"
     ),
     "deepspeed": Option(_str, None, "a DeepSpeed JSON config for the Trainer", sweepable=False),
-    "device": Option(_str, None, "'cpu' to train on the CPU with a GPU present", sweepable=False),
+    "device": Option(
+        _str,
+        None,
+        "'cpu' to train and evaluate on the CPU with a GPU present (default: the GPU)",
+        sweepable=False,
+    ),
     "cache_dir": Option(
         _str, "results/cache", "where the embedded demo caches its model", sweepable=False
     ),

@@ -159,6 +159,15 @@ def _configure(argv: Sequence[str] | None) -> dict[str, Any]:
             raise UsageError("--output is required: the directory to save the result in")
     if cfg["steps"] is not None and cfg["epochs"] is not None:
         raise UsageError("give --steps or --epochs, not both")
+    if cfg["device"] is not None:
+        import torch
+
+        try:
+            torch.device(cfg["device"])
+        except RuntimeError:
+            raise UsageError(
+                f"--device {cfg['device']!r} is not a device: use cpu or cuda"
+            ) from None
     return cfg
 
 
@@ -251,7 +260,7 @@ def unlearn(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ())
     :class:`UsageError` for bad input, before anything is written."""
     from ._evaluate import build_eval_sets
     from ._report import sweep_table
-    from ._train import env_rank, load_model, load_tokenizer
+    from ._train import env_rank, eval_device, load_model, load_tokenizer
 
     cfg = _configure(argv)
     runs = sweep_runs(cfg)
@@ -267,7 +276,7 @@ def unlearn(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ())
         runs = sweep_runs(cfg)
     sets = _read_sets(cfg)
     tok = load_tokenizer(cfg["model"])
-    model = load_model(cfg["model"], cfg["dtype"])
+    model = load_model(cfg["model"], cfg["dtype"]).to(eval_device(cfg["device"]))
     try:
         eval_sets = build_eval_sets(
             tok, sets, prompt_format=cfg["prompt_format"], max_length=cfg["max_length"]
@@ -292,7 +301,7 @@ def unlearn(argv: Sequence[str] | None = None, *, callbacks: Sequence[Any] = ())
         if done.exists():  # completed before an interruption
             reports.append((name, json.loads(done.read_text(encoding="utf-8"))))
             continue
-        if i > 0 or model is None:
+        if i > 0 or model is None:  # each run starts from the saved model
             model = load_model(cfg["model"], cfg["dtype"])
         reports.append(
             (name, _one_run(name, rc, run_dir, model, tok, sets, eval_sets, before, callbacks))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._config import UsageError
 
-__all__ = ["add_lora", "env_rank", "load_model", "load_tokenizer", "train_run"]
+__all__ = ["add_lora", "env_rank", "eval_device", "load_model", "load_tokenizer", "train_run"]
 
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 """One of them is in every directory ``tokenizer.save_pretrained`` writes."""
@@ -293,6 +293,17 @@ def train_run(
     if cfg["lora"] is not None:
         trained = trained.merge_and_unload()
     return trainer, trained, list(trainer.state.log_history)
+
+
+def eval_device(device: str | None) -> torch.device:
+    """Where the model is evaluated before training: ``device`` when given, else this
+    process's GPU (``$LOCAL_RANK``) when there is one, else the CPU (the Trainer then
+    places it for training)."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def env_rank() -> int:
