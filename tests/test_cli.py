@@ -277,6 +277,7 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_nothing_written(
     _bad(capsys, a + ["--steps", "2", "--epochs", "1"], "not both")
     _bad(capsys, a + ["--sweep", "model=a,b"], "not an option that can be swept")
     _bad(capsys, a + ["--resume"], "nothing to resume")
+    _bad(capsys, a + ["--no-such-flag"], "unrecognized arguments: --no-such-flag")
     _bad(capsys, a[:2] + a[6:], "--retain required")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "noanswer.jsonl", "notok"]
     out.mkdir()

@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "DEFAULTS",
@@ -201,10 +201,17 @@ NOT_COMPARED = ("resume", "overwrite", "config", "device", "eval_batch_size")
 _REPEATABLE = ("param", "sweep")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line errors raise :class:`UsageError`: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see gru-unlearn --help)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line: every :data:`OPTIONS` entry as a flag, plus ``--config``. Absent
     flags are absent from the namespace (so the YAML file's values stand)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="gru-unlearn",
         description="Unlearn a saved Hugging Face model with GRU: forget/retain rows in, the "
         "evaluated and saved model out (report.json, report.md, losses.png).",
