@@ -234,6 +234,11 @@ def test_config_file_equals_flags(workdir: Path, tmp_path: Path) -> None:
     assert a["config"] == {**b["config"], "output": a["config"]["output"]}
     assert a["after"] == b["after"]
     assert (yaml_out / "config.yaml").read_text().count("gamma: 0.5") == 1
+    # the resolved configuration written with the results repeats the run exactly
+    again = unlearn(
+        ["--config", str(yaml_out / "config.yaml"), "--output", str(tmp_path / "again")]
+    )
+    assert report(again)["after"] == b["after"]
 
 
 def test_sweep_writes_one_table_and_one_model_per_value(workdir: Path, tmp_path: Path) -> None:
