@@ -238,8 +238,8 @@ def encode_qa_rows(
     Question/answer rows: the prompt (see :func:`encode_pair`) then the answer under
     ``answer_key`` (``"paraphrased_answer"`` for the truth ratio's reference, say), labels
     ``-100`` on the prompt. ``text`` rows: the text then the end of sequence, every token
-    labelled. ``max_length`` truncates from the right. A missing column raises
-    :class:`RowsError` naming it."""
+    labelled. ``max_length`` truncates from the right (a row left without an answer token
+    is refused). A missing column raises :class:`RowsError` naming it."""
     rows = list(rows)
     kind = row_kind(rows, name)
     out: list[dict[str, list[int]]] = []
@@ -255,6 +255,11 @@ def encode_qa_rows(
             labels = [IGNORE_INDEX] * len(prompt) + ans
         if max_length is not None:
             ids, labels = ids[:max_length], labels[:max_length]
+            if all(x == IGNORE_INDEX for x in labels):
+                raise RowsError(
+                    f"{name} row {i}: its prompt fills max_length={max_length} tokens, "
+                    "leaving no answer token: raise max_length (--max-length)"
+                )
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return out
 

@@ -155,6 +155,8 @@ def test_read_rows_reads_every_format(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(RowsError, match="no rows"):
         read_rows(tmp_path / "empty.jsonl")
+    with pytest.raises(RowsError, match="raise max_length"):
+        encode_qa_rows(tiny_tokenizer(), rows, max_length=4)
     with pytest.raises(RowsError, match="'answer' column"):
         encode_qa_rows(tiny_tokenizer(), [{"question": "Who?"}], name="forget")
 
