@@ -136,6 +136,7 @@ def test_encode_qa_rows_uses_the_chat_template_when_there_is_one() -> None:
 
 def test_read_rows_reads_every_format(tmp_path: Path) -> None:
     import datasets  # the cli extra installs it (make test's set-up too)
+
     rows = qa_rows(FIRST[:1])
     write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "a.json").write_text(json.dumps(rows))
