@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -350,25 +352,37 @@ def test_interrupted_run_leaves_nothing_complete_and_resume_equals_uninterrupted
         torch.testing.assert_close(s_out[k], s_full[k], rtol=0, atol=0, msg=k)
 
 
-def test_killed_process_leaves_no_output(workdir: Path, tmp_path: Path) -> None:
+def test_ctrl_c_in_a_real_process_exits_130_and_leaves_no_output(
+    workdir: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT) mid-training in a real ``python -m gru_optim.cli`` process. A killed
+    process (SIGKILL) runs no code at all after the signal, so it leaves the same state:
+    results only ever reach ``--output`` by the final rename."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gru_optim.cli", *args(workdir, out, "--steps", "400")],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    partial = tmp_path / ".out.partial"
-    try:
-        import time
-
-        deadline = time.monotonic() + 120
-        while not list(partial.glob("checkpoints/checkpoint-*")) and time.monotonic() < deadline:
-            assert proc.poll() is None, "the run ended before it was killed"
-            time.sleep(0.2)
-    finally:
-        proc.kill()
-        proc.wait()
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gru_optim.cli", *args(workdir, out, "--steps", "400")],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        partial = tmp_path / ".out.partial"
+        try:
+            deadline = time.monotonic() + 120
+            while not list(partial.glob("checkpoints/checkpoint-*")):
+                assert proc.poll() is None, "the run ended before it was interrupted"
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 130
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    said = [line for line in err.read_text().splitlines() if line.startswith("gru-unlearn:")]
+    assert len(said) == 1 and said[0].startswith("gru-unlearn: interrupted"), said
+    assert "--resume" in said[0]
     assert not out.exists() and partial.is_dir()
     assert not list(partial.rglob("report.json"))
     shutil.rmtree(partial)
