@@ -4,8 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 TORCH  := torch==2.13.0
-EXTRAS := test,bench,hf,study,triton,lightning,deepspeed
+EXTRAS := test,bench,hf,study,triton,lightning,deepspeed,cli
 STAMP  := $(VENV)/.installed
+# `make demo` installs torch and the `cli` extra only (no DeepSpeed, Lightning, Triton or
+# test tools): a fresh clone's demo takes minutes, most of it the download.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test bench clean lint
 
@@ -22,8 +25,17 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(BIN)/python -c "from gru_optim.kernels import build; build()"
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python -m gru_optim.demo
+$(DEMO_STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[cli]"
+	touch $@
+
+# gru-unlearn's embedded default: the study's tiny model and corpus, GRU and the plain
+# baseline side by side (docs/guides/cli.md). The study itself: python -m gru_optim.demo.
+demo: $(DEMO_STAMP)
+	$(BIN)/gru-unlearn --output results/gru-unlearn-demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q

@@ -6,7 +6,8 @@ forget gradient with its conflict against the retain gradient's memory projected
 
 ``gru_optim.objectives`` holds the unlearning objectives, ``gru_optim.data`` paired
 forget/retain data, ``gru_optim.rules`` the rectification rules, and ``gru_optim.hf``
-(``hf`` extra, imported on demand) the Hugging Face ``GRUTrainer``.
+(``hf`` extra, imported on demand) the Hugging Face ``GRUTrainer``; the ``gru-unlearn``
+command (``gru_optim.cli``, ``cli`` extra) unlearns a saved model from forget/retain files.
 """
 
 from . import data, functional, objectives, rules
