@@ -159,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     records = run_study(cfg, out_dir=out, cache_dir=args.cache_dir, command=command.strip())
     print()
     print(markdown_table(records, dataclasses.asdict(cfg)))
-    print("Summary:")
     print(
         f"Plot: {out / 'tradeoff.png'}  "
         f"(table: {out / 'table.md'}, records: {out / 'summary.json'})"
     )
-    print(verdict(records))
+    print()
+    print("Summary: " + verdict(records))
     print(f"Wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -146,6 +146,9 @@ PRESETS: dict[str, StudyConfig] = {
         steps=20,
         eval_every=5,
         n_oracles=2,
+        # a collapsed model babbles to the length limit: 80 tokens hold every prompt and
+        # answer here and keep the demo fast (the other presets keep TOFU's 200)
+        generation_max_length=80,
     ),
     "full": StudyConfig(
         name="full",

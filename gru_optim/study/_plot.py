@@ -5,6 +5,7 @@ matched forgetting with their mean, 95% interval and the oracles' noise floor.""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
     oracles = [r for r in records if r["method"] == "oracle"]
     for j, m in enumerate(methods):
         ax, bx = axes[2 * (j // per)][j % per], axes[2 * (j // per) + 1][j % per]
-        arms = [a for a in dict.fromkeys(arm_of(r) for r in runs if r["method"] == m)]
+        arms = list(dict.fromkeys(arm_of(r) for r in runs if r["method"] == m))
         drawn = [a for a in arms if (m, a) not in same]
         label = {
             a: " = ".join([arm_label(a)] + [arm_label(b) for b in arms if same.get((m, b)) == a])
@@ -173,14 +174,15 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                 "arm − plain: " + STATS[_PRIMARY].replace("forget probability", "FP"), fontsize=8
             )
         bx.grid(alpha=0.3, axis="y")
-    fig.suptitle(
+    caption = (
         "Top: each seed's trajectory (held-out halves; learning rate chosen on validation); "
-        "dotted: forget probability 0.1 and 0.05.\nBottom: per seed, arm − plain in model "
+        "dotted: forget probability 0.1 and 0.05. Bottom: per seed, arm − plain in model "
         "utility where validation forget probability first reaches 0.1; bar: mean and 95% "
-        "t interval; grey: the oracles' noise floor.",
-        fontsize=9,
+        "t interval; grey: the oracles' noise floor."
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+    lines = textwrap.wrap(caption, width=int(24 * fig.get_figwidth()))
+    fig.suptitle("\n".join(lines), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.17 * len(lines)) / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -18,7 +18,7 @@ from ._outcomes import ALPHA, STATS, arm_of, comparisons, noise_floor, run_recor
 from ._plot import plot_tradeoff
 from ._verdict import arm_label, verdict
 
-__all__ = ["final_rows", "markdown_table", "report_from_dir", "write_report"]
+__all__ = ["distinct_oracles", "final_rows", "markdown_table", "report_from_dir", "write_report"]
 
 _COLUMNS = (
     "forget_quality",
@@ -30,6 +30,17 @@ _COLUMNS = (
     "mia_auc",
     "privleak",
 )
+
+
+def distinct_oracles(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The oracle records, each model once (seeds that share a split share its oracles,
+    and their records repeat)."""
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        if r["method"] == "oracle":
+            key = (r.get("index", r["seed"]), r["forget_prob"], r["model_utility"])
+            seen.setdefault(key, r)
+    return list(seen.values())
 
 
 def _order(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -115,7 +126,7 @@ def _notes(config: dict[str, Any] | None, meta: dict[str, Any] | None) -> list[s
                 for k, v in rows.items()
             )
             + f" rows); answers are generated greedily until the end of sequence or {gen} tokens "
-            "of prompt and answer, as TOFU's `max_length=200`."
+            "of prompt and answer (TOFU's `max_length` is 200)."
         )
     notes.append(
         "mia_auc: Min-K% (k = 0.4, the answer's tokens without the end of sequence) AUC of "
@@ -195,7 +206,7 @@ def markdown_table(
         return "| " + " | ".join(cells) + " |"
 
     lines.append(line("target", "", "", "0", [r for r in records if r["method"] == "target"]))
-    oracles = [r for r in records if r["method"] == "oracle"]
+    oracles = distinct_oracles(records)
     ref = [o for o in oracles if o.get("index", o["seed"]) == 0]
     other = [o for o in oracles if o.get("index", o["seed"]) != 0]
     if ref:
@@ -262,6 +273,7 @@ def write_report(
         m: list(dict.fromkeys(arm_of(r) for r in runs if r["method"] == m))
         for m in dict.fromkeys(r["method"] for r in runs)
     }
+    n_lrs, n_seeds = len({r["lr"] for r in runs}), len({r["seed"] for r in runs})
     lines = [
         f"Preset `{meta.get('preset', '?')}`,"
         f" made by `{meta.get('command', 'python -m gru_optim.demo')}`"
@@ -274,10 +286,10 @@ def write_report(
             f"{len({(r['method'], arm_of(r), r['lr'], r['seed']) for r in runs})} unlearning runs"
             " ("
             + "; ".join(f"{m}: {', '.join(a)}" for m, a in arms_by_method.items())
-            + f"; × {len(cfg.get('lrs', []))} learning rates × {len(cfg.get('seeds', []))}"
-            f" seeds, {cfg.get('steps', '?')} steps each, evaluated every"
+            + f"; × {n_lrs} learning rates × {n_seeds} seeds, {cfg.get('steps', '?')} steps each,"
+            " evaluated every"
             f" {cfg.get('eval_every', '?')}),"
-            f" {sum(1 for r in records if r['method'] == 'oracle')} oracles"
+            f" {len(distinct_oracles(records))} oracles"
             + (
                 " (each seed its own split of the authors, target and oracles);"
                 if cfg.get("resplit")

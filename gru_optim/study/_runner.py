@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._config import StudyConfig
+from ._config import ARMS, METHODS, StudyConfig
 from ._corpus import write_corpus
 from ._halves import halves, take
 from ._lm import (
@@ -76,7 +76,18 @@ def load_records(out_dir: str | Path, key: str | None = None) -> list[dict[str, 
         records += [
             {k: (np.nan if v is None else v) for k, v in r.items()} for r in blob["records"]
         ]
-    return records
+    return sorted(records, key=_record_order)
+
+
+def _record_order(r: dict[str, Any]) -> tuple[Any, ...]:
+    """Models first (per seed), then runs in the order of :data:`METHODS` and
+    :data:`ARMS`, by learning rate, seed and step."""
+    m, a = r["method"], r.get("arm", "")
+    if m in ("target", "oracle"):
+        return (0, r["seed"], m != "target", r.get("index", 0), 0.0, 0)
+    mi = METHODS.index(m) if m in METHODS else len(METHODS)
+    ai = ARMS.index(a) if a in ARMS else len(ARMS)
+    return (1, mi, ai, r["lr"], r["seed"], r["step"])
 
 
 def _save(path: Path, key: str, records: list[dict[str, Any]]) -> None:

@@ -135,7 +135,7 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
     elif tested:
         best = min(tested, key=lambda c: c.p_holm)
         s.append(
-            "No difference from plain survives the correction; the closest is "
+            "No difference from plain survives the correction. The nearest to it: "
             + _finding(best)
             + "."
         )
