@@ -653,6 +653,10 @@ def test_micro_study_end_to_end_and_resumable(tmp_path) -> None:
     assert last[("NPO+GD", "GRU", 0)]["forget_prob"] != last[("NPO+GD", "plain", 0)]["forget_prob"]
     for name in ("summary.csv", "table.md", "tradeoff.png", "meta.json", "README.md"):
         assert (out / name).stat().st_size > 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["selected_on_validation"] and stats["noise_floor"] is not None
+    first = stats["comparisons"][0]
+    assert set(first["diffs"]) <= {"0", "1"} and first["call"] in ("better", "worse", "not shown")
     table = (out / "table.md").read_text()
     assert "Holm" in table and "| GradDiff-KL | +KL |" in table and "Over 2 seeds" in table
     meta = json.loads((out / "meta.json").read_text())

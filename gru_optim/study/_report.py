@@ -14,11 +14,29 @@ from typing import Any
 
 import numpy as np
 
-from ._outcomes import ALPHA, STATS, arm_of, comparisons, noise_floor, run_records
+from ._outcomes import (
+    ALPHA,
+    FP_LEVELS,
+    FQ_LEVEL,
+    STATS,
+    arm_of,
+    comparisons,
+    noise_floor,
+    run_records,
+    seed_outcomes,
+    validated,
+)
 from ._plot import plot_tradeoff
 from ._verdict import arm_label, verdict
 
-__all__ = ["distinct_oracles", "final_rows", "markdown_table", "report_from_dir", "write_report"]
+__all__ = [
+    "distinct_oracles",
+    "final_rows",
+    "markdown_table",
+    "report_from_dir",
+    "statistics",
+    "write_report",
+]
 
 _COLUMNS = (
     "forget_quality",
@@ -224,12 +242,62 @@ def markdown_table(
     return out
 
 
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else v
+
+
+def statistics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the verdict is decided by, as plain JSON (``stats.json``): the levels,
+    whether selection used validation metrics, the noise floor, every arm's per-seed
+    outcome (value, learning rate and step chosen) and every comparison (per-seed
+    differences, mean, 95% interval, p, Holm's p, call)."""
+    return {
+        "fp_levels": list(FP_LEVELS),
+        "fq_level": FQ_LEVEL,
+        "alpha": ALPHA,
+        "selected_on_validation": validated(records),
+        "statistics": STATS,
+        "noise_floor": noise_floor(records),
+        "outcomes": [
+            {
+                "method": m,
+                "arm": a,
+                "seed": s,
+                "stat": k,
+                "value": o.value,
+                "lr": o.lr,
+                "step": o.step,
+            }
+            for (m, a, s), res in seed_outcomes(records).items()
+            for k, o in res.items()
+        ],  # fmt: skip
+        "comparisons": [
+            {
+                "method": c.method,
+                "arm": c.arm,
+                "stat": c.stat,
+                "diffs": {str(s): d for s, d in c.diffs.items()},
+                "n": c.test.n,
+                "mean": _num(c.test.mean),
+                "low": _num(c.test.low),
+                "high": _num(c.test.high),
+                "p": _num(c.test.p),
+                "p_holm": _num(c.p_holm),
+                "noise_floor": c.floor,
+                "call": c.call,
+            }
+            for c in comparisons(records)
+        ],
+    }
+
+
 def write_report(
     records: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str, Any]
 ) -> dict[str, Path]:
     """Write ``summary.json`` (the records), ``summary.csv``, ``table.md`` (tables, notes
-    and the verdict), ``tradeoff.png``, ``meta.json`` (config, versions, wall time) and
-    ``README.md`` (how it was made) under ``out_dir``; returns their paths."""
+    and the verdict), ``tradeoff.png``, ``stats.json`` (:func:`statistics`),
+    ``meta.json`` (config, versions, wall time) and ``README.md`` (how it was made) under
+    ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -238,6 +306,7 @@ def write_report(
         "table": out_dir / "table.md",
         "plot": out_dir / "tradeoff.png",
         "meta": out_dir / "meta.json",
+        "stats": out_dir / "stats.json",
     }
     clean = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
@@ -253,6 +322,7 @@ def write_report(
     paths["table"].write_text(markdown_table(records, cfg, meta) + "\n" + verdict(records) + "\n")
     plot_tradeoff(records, paths["plot"])
     paths["meta"].write_text(json.dumps(meta, indent=1))
+    paths["stats"].write_text(json.dumps(statistics(records), indent=1))
     runs = run_records(records)
     if cfg.get("model_path"):
         trained = (
