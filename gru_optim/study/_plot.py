@@ -21,6 +21,7 @@ from ._outcomes import (
     noise_floor,
     run_records,
     seed_outcomes,
+    validated,
 )
 from ._verdict import arm_label
 
@@ -59,7 +60,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
     floor = (noise_floor(records) or {}).get(_PRIMARY)
     per = min(4, max(1, len(methods)))
     bands = max(1, math.ceil(len(methods) / per))
-    fig, axes = plt.subplots(2 * bands, per, figsize=(3.9 * per, 6.4 * bands + 1.0), squeeze=False)
+    fig, axes = plt.subplots(2 * bands, per, figsize=(3.9 * per, 6.4 * bands + 0.3), squeeze=False)
     for k in range(len(methods), per * bands):
         for i in range(2):
             axes[2 * (k // per) + i][k % per].set_visible(False)
@@ -164,6 +165,9 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                     va="top",
                     fontsize=7,
                 )
+        if not any(cmps[(m, a)].diffs for a in shown if (m, a) in cmps):
+            note = "no seed reached forget probability 0.1\non validation with both arms"
+            bx.text(0.5, 0.5, note, ha="center", va="center", transform=bx.transAxes, fontsize=8)
         bx.axhline(0.0, color="k", lw=0.8)
         if floor is not None:
             bx.axhspan(-floor, floor, color="gray", alpha=0.25, lw=0)
@@ -175,14 +179,20 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
             )
         bx.grid(alpha=0.3, axis="y")
     caption = (
-        "Top: each seed's trajectory (held-out halves; learning rate chosen on validation); "
+        "Top: each seed's trajectory ("
+        + (
+            "held-out halves; learning rate chosen on validation"
+            if validated(records)
+            else "learning rate chosen on the reported sets: no validation metrics"
+        )
+        + "); "
         "dotted: forget probability 0.1 and 0.05. Bottom: per seed, arm − plain in model "
         "utility where validation forget probability first reaches 0.1; bar: mean and 95% "
         "t interval; grey: the oracles' noise floor."
     )
-    lines = textwrap.wrap(caption, width=int(24 * fig.get_figwidth()))
+    lines = textwrap.wrap(caption, width=int(13 * fig.get_figwidth()))
     fig.suptitle("\n".join(lines), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 + 0.17 * len(lines)) / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.05 + 0.15 * len(lines)) / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

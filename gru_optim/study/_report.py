@@ -330,13 +330,12 @@ def write_report(
             + ", ".join(f"`{p}`" for p in cfg.get("oracle_paths", []))
             + f" ran on `{cfg.get('device', '?')}` in {cfg.get('dtype', '?')}."
         )
-    elif meta.get("models_cached") and "train_seconds" in meta:
-        trained = (
-            "; the target and the oracles came from the cache (training them took"
-            f" {meta['train_seconds']:.0f} s more)."
-        )
+    elif meta.get("models_cached"):
+        trained = "; the target and the oracles came from the cache."
     elif "train_seconds" in meta:
-        trained = f"; training the target and the oracles took {meta['train_seconds']:.0f} s of it."
+        trained = (
+            f"; training the models not in the cache took {meta['train_seconds']:.0f} s of it."
+        )
     else:
         trained = "."
     arms_by_method = {

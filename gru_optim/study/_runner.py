@@ -300,7 +300,7 @@ def run_study(
         "command": command or f"python -m gru_optim.demo --preset {cfg.name}",
         "threads": torch.get_num_threads(),
         "models_cached": all(i["cached"] for i in infos),
-        "train_seconds": sum(float(i.get("seconds", 0.0)) for i in infos),
+        "train_seconds": sum(float(i.get("seconds", 0.0)) for i in infos if not i["cached"]),
         "eval_rows": sizes,
         "torch": torch.__version__,
         "python": platform.python_version(),
