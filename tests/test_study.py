@@ -542,6 +542,20 @@ def test_readme_results_paragraph_is_generated_from_the_published_records() -> N
     assert "no validation metrics" in text and "Holm" in text
 
 
+def test_rederive_writes_the_readme_block_and_refuses_a_page_without_one(tmp_path) -> None:
+    from gru_optim.study.rederive import END, START, write_readme
+
+    page = tmp_path / "README.md"
+    page.write_text(f"# t\n\n{START}\nold words\n{END}\n\nafter\n")
+    write_readme(page, "new words")
+    assert page.read_text() == f"# t\n\n{START}\nnew words\n{END}\n\nafter\n"
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no block\n")
+    with pytest.raises(ValueError, match="no <!-- study-results"):
+        write_readme(bare, "x")
+    assert bare.read_text() == "# no block\n"
+
+
 # --------------------------------------------------------------------------- end to end
 
 REQUIRED = {
