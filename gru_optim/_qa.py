@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ._data import PairedUnlearningDataset
-from ._objectives import IGNORE_INDEX
+from .objectives import IGNORE_INDEX
 
 __all__ = [
     "PLAIN_PROMPT",
