@@ -269,12 +269,18 @@ class GRUMixin:
         retain = inputs.get("retain") if isinstance(inputs, Mapping) else None
         if not isinstance(retain, Mapping) or "labels" not in retain:
             keys = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+            hint = (
+                " (an empty batch: with remove_unused_columns=True the Trainer drops the "
+                "'forget'/'retain' keys, set it to False)"
+                if isinstance(inputs, Mapping) and not inputs
+                else ""
+            )
             raise ValueError(
                 f"{type(self).__name__} (GRU) trains on paired batches {{'forget': ..., "
                 f"'retain': {{'input_ids', 'attention_mask', 'labels'}}, ...}}, got {keys}: "
                 "use gru_optim.data.PairedUnlearningDataset and PairedCollator (or your "
                 "framework's forget/retain dataset), or override gru_retain_loss and "
-                "gru_retain_items to say where the retain batch is"
+                f"gru_retain_items to say where the retain batch is{hint}"
             )
         return token_mask(retain["labels"]).sum()
 
@@ -356,9 +362,10 @@ class GRUMixin:
 
     def _gru_step(self, model: nn.Module, micro: list[tuple[Any, Any]]) -> Tensor:
         cast_self: Any = self
+        counts = [self.gru_retain_items(b) for b, _ in micro]  # checks the batches first
         prepared = [(cast_self._prepare_inputs(b), n) for b, n in micro]
         batches = [b for b, _ in prepared]
-        local = torch.stack([self.gru_retain_items(b).to(self.args.device) for b in batches])
+        local = torch.stack([c.to(self.args.device) for c in counts])
         self.gru_begin_step(batches)
         retain_items, scale = self._gru_reduce_count(local.sum())
         model.train()
