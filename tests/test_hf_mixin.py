@@ -281,3 +281,21 @@ def test_lr_schedule_and_logs(tmp_path: Path) -> None:
     assert trainer.gru_optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 4 and all({"retain_loss", "gru_cosine", "gru_conflict"} <= h.keys() for h in logs)
+
+
+# ---------------------------------------------------------------- ZeRO-3, two gloo processes
+def test_mixin_on_zero3_equals_the_closure_replay_on_one_process() -> None:
+    pytest.importorskip("deepspeed")
+    import _deepspeed_workers as W
+
+    r0, r1 = (r["mixin"] for r in W.spawn("hf_mixin"))
+    assert r0["engine"] == "DeepSpeedEngine" and r0["stage"] == 3
+    assert r0["clip"] == 0.3  # DeepSpeed's gradient_clipping: args.max_grad_norm
+    assert r0["rectified"] and any(r0["conflicts"])
+    assert torch.equal(r0["weights"], r1["weights"]) and torch.equal(r0["memory"], r1["memory"])
+    assert r0["memory_bytes"] + r1["memory_bytes"] == 4 * r0["numel"]  # sharded, float32
+    diff = float((r0["weights"] - r0["replay_weights"]).abs().max())
+    mem_diff = float((r0["memory"] - r0["replay_memory"]).abs().max())
+    print(f"zero3 transformers {transformers.__version__}: max |w - w_replay| = {diff:.3g}")
+    assert diff < FP32 and mem_diff < FP32, (diff, mem_diff)
+    assert float((r0["replay_weights"] - r0["start_weights"]).abs().max()) > 1e-3
