@@ -159,14 +159,19 @@ class GRUOptimizer(_Sides, Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         grad_scaler: Any = None,
+        **inner_options: Any,
     ) -> None:
+        # inner_options only catches the inner optimizer's options given here by mistake
+        # (GRUOptimizer(model.parameters(), lr=1e-3)), to say what to do instead.
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
-        if not isinstance(optimizer, Optimizer):
+        if not isinstance(optimizer, Optimizer) or inner_options:
+            given = ", ".join(f"{k}=" for k in inner_options)
             raise TypeError(
-                "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
-                f"{type(optimizer).__name__}; build the optimizer first, e.g. "
-                "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
+                "GRUOptimizer wraps an optimizer instance: build the optimizer with its own "
+                "options first, e.g. GRUOptimizer(torch.optim.AdamW(model.parameters(), "
+                f"lr=1e-3)); got {type(optimizer).__name__}"
+                + (f" and the option(s) {given}, which GRUOptimizer does not take" if given else "")
             )
         gamma = check_gamma(gamma)
         retain_weight = check_retain_weight(retain_weight)

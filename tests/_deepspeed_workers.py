@@ -525,10 +525,9 @@ def hf_case(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     from gru_optim.objectives import get_objective
 
     class Recording(base):  # type: ignore[misc, valid-type]
-        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            batches, n = super().get_batch_samples(*args, **kwargs)
-            self.seen = [*getattr(self, "seen", []), batches]
-            return batches, n
+        def gru_begin_step(self, micro_batches: list[Any]) -> None:
+            self.seen = [*getattr(self, "seen", []), micro_batches]
+            super().gru_begin_step(micro_batches)
 
     def unpad(batch: dict[str, Tensor]) -> list[dict[str, list[int]]]:
         keep = batch["attention_mask"].bool()

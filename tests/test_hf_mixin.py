@@ -299,3 +299,47 @@ def test_mixin_on_zero3_equals_the_closure_replay_on_one_process() -> None:
     print(f"zero3 transformers {transformers.__version__}: max |w - w_replay| = {diff:.3g}")
     assert diff < FP32 and mem_diff < FP32, (diff, mem_diff)
     assert float((r0["replay_weights"] - r0["start_weights"]).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------- errors a new user hit
+def test_unpaired_dataset_through_the_default_collator_names_the_fix(tmp_path: Path) -> None:
+    trainer = GRUTrainer(
+        model=tiny_model("gpt2"),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=qa_examples(FORGET_AUTHORS),  # not paired with retain examples
+        processing_class=tiny_tokenizer(),
+    )
+    with pytest.raises(ValueError, match=r"got an item \['attention_mask', 'input_ids', 'labels'\]: wrap the examples in PairedUnlearningDataset"):
+        trainer.train()
+
+
+def test_raw_strings_in_the_paired_dataset_say_what_it_expects() -> None:
+    retain = qa_examples(RETAIN_AUTHORS)
+    with pytest.raises(TypeError, match=r"first forget example is a str \('Who wrote.*encode_example"):
+        PairedUnlearningDataset(["Who wrote the poems?", "Where?"], retain)
+    with pytest.raises(TypeError, match="first retain example is a dict with keys \\['text'\\]"):
+        PairedUnlearningDataset(qa_examples(FORGET_AUTHORS), [{"text": "x"}])
+    forget = qa_examples(FORGET_AUTHORS)
+    with pytest.raises(TypeError, match="first idk example is a str"):
+        PairedUnlearningDataset(forget, retain, ["I don't know."] * len(forget))
+
+
+def test_idk_objective_without_refusals_says_how_to_give_them(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'idk_nll' trains on refusals.*idk=\[encode_example"):
+        GRUTrainer(
+            model=tiny_model("gpt2"),
+            args=training_args(tmp_path),
+            train_dataset=paired_set(),
+            processing_class=tiny_tokenizer(),
+            objective="idk_nll",
+        )
+
+
+def test_gru_optimizer_given_parameters_and_lr_says_it_wraps_an_instance() -> None:
+    model = tiny_model("gpt2")
+    with pytest.raises(TypeError, match=r"wraps an optimizer instance.*got generator and the option\(s\) lr="):
+        GRUOptimizer(model.parameters(), lr=1e-3)  # type: ignore[arg-type, call-arg]
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"option\(s\) lr=, momentum=, which GRUOptimizer"):
+        GRUOptimizer(inner, lr=1e-3, momentum=0.9)  # type: ignore[call-arg]
+    GRUOptimizer(inner, gamma=0.5)  # the GRU options are still accepted
