@@ -51,10 +51,20 @@ class UnlearnTrainer(Trainer):
 class GradDiff(UnlearnTrainer):
     """``gamma * (-NLL(forget)) + alpha * NLL(retain)``."""
 
-    def __init__(self, gamma: float = 1.0, alpha: float = 1.0, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        gamma: float = 1.0,
+        alpha: float = 1.0,
+        retain_loss_type: str = "NLL",
+        *args: Any,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
+        if retain_loss_type != "NLL":
+            raise NotImplementedError(f"retain_loss_type={retain_loss_type!r} (only NLL here)")
         self.gamma = gamma
         self.alpha = alpha
+        self.retain_loss_type = retain_loss_type
         self.ref_model: nn.Module | None = None
 
     def make_ref_model(self, model: nn.Module) -> nn.Module:

@@ -387,7 +387,15 @@ def test_lora_adapters_carry_the_memory_with_activation_checkpointing(tmp_path: 
     def train(model: Any, out: Path, checkpointing: bool) -> GRUTrainer:
         trainer = GRUTrainer(
             model=model,
-            args=training_args(out, max_steps=4, learning_rate=5e-2, **{CHECKPOINTING: checkpointing}),
+            args=training_args(
+                out,
+                max_steps=4,
+                learning_rate=5e-2,
+                **{CHECKPOINTING: checkpointing},
+                # transformers 4.45 checkpoints with reentrant autograd by default, under
+                # which the LoRA weights of a frozen model's layers get no gradient
+                **{f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
+            ),
             train_dataset=PairedUnlearningDataset(forget, retain),
             processing_class=tiny_tokenizer(),
             objective="npo",  # reference = the base model with the adapters disabled
@@ -538,18 +546,28 @@ def _ddp_worker(out_dir: str) -> None:
     opt = GRUOptimizer(torch.optim.SGD(start.parameters(), lr=0.05))
     collate = PairedCollator(PAD)
     start.train()
+    # transformers 5 normalises by the counts of both ranks (average_tokens_across_devices):
+    # the union batch; 4.45 by each rank's own counts, then DDP averages the ranks.
+    union = getattr(trainer.args, "average_tokens_across_devices", False)
     for s in range(2):
-        batch = collate(gathered[0][0][s] + gathered[1][0][s])
+        parts = [gathered[0][0][s] + gathered[1][0][s]] if union else [g[0][s] for g in gathered]
+        batches = [collate(p) for p in parts]
 
-        def forget_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
-            loss = obj.model_loss(start, batch["forget"], batch["retain"], ref_model=ref)
-            loss.backward()
-            return loss
+        def forget_closure(batches: list[dict[str, Any]] = batches) -> torch.Tensor:
+            total = torch.zeros(())
+            for batch in batches:
+                loss = obj.model_loss(start, batch["forget"], batch["retain"], ref_model=ref)
+                (loss / len(batches)).backward()
+                total = total + loss.detach() / len(batches)
+            return total
 
-        def retain_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
-            loss = start(**batch["retain"]).loss
-            loss.backward()
-            return loss
+        def retain_closure(batches: list[dict[str, Any]] = batches) -> torch.Tensor:
+            total = torch.zeros(())
+            for batch in batches:
+                loss = start(**batch["retain"]).loss
+                (loss / len(batches)).backward()
+                total = total + loss.detach() / len(batches)
+            return total
 
         opt.zero_grad()
         opt.step(forget_closure, retain_closure)
