@@ -168,10 +168,11 @@ class GRUOptimizer(_Sides, Optimizer):
         if not isinstance(optimizer, Optimizer) or inner_options:
             given = ", ".join(f"{k}=" for k in inner_options)
             raise TypeError(
-                "GRUOptimizer wraps an optimizer instance: build the optimizer with its own "
-                "options first, e.g. GRUOptimizer(torch.optim.AdamW(model.parameters(), "
-                f"lr=1e-3)); got {type(optimizer).__name__}"
+                "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
+                f"{type(optimizer).__name__}"
                 + (f" and the option(s) {given}, which GRUOptimizer does not take" if given else "")
+                + "; build the optimizer with its own options first, e.g. "
+                "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
             )
         gamma = check_gamma(gamma)
         retain_weight = check_retain_weight(retain_weight)

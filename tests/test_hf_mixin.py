@@ -337,7 +337,7 @@ def test_idk_objective_without_refusals_says_how_to_give_them(tmp_path: Path) ->
 
 def test_gru_optimizer_given_parameters_and_lr_says_it_wraps_an_instance() -> None:
     model = tiny_model("gpt2")
-    with pytest.raises(TypeError, match=r"wraps an optimizer instance.*got generator and the option\(s\) lr="):
+    with pytest.raises(TypeError, match=r"wraps a torch.optim.Optimizer instance, got generator and the option\(s\) lr=.*AdamW\(model.parameters\(\), lr=1e-3\)"):
         GRUOptimizer(model.parameters(), lr=1e-3)  # type: ignore[arg-type, call-arg]
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match=r"option\(s\) lr=, momentum=, which GRUOptimizer"):
