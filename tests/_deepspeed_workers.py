@@ -721,7 +721,9 @@ def hf_mixin_case(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                 scale = 1.0 if out["average_tokens"] else 1.0 / world
                 for b in micro:
                     r = b["retain"]
-                    logits = ref(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
+                    logits = ref(
+                        input_ids=r["input_ids"], attention_mask=r["attention_mask"]
+                    ).logits
                     loss = nll_loss(logits, r["labels"], num_items=n) * scale
                     loss.backward()
                     total = total + loss.detach()

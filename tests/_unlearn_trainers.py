@@ -42,7 +42,9 @@ def answer_nll_per_sequence(model: nn.Module, batch: dict[str, Tensor]) -> tuple
 class UnlearnTrainer(Trainer):
     """The base: what open-unlearning's trainers add to ``transformers.Trainer``."""
 
-    def __init__(self, evaluators: Any = None, template_args: Any = None, *args: Any, **kwargs: Any):
+    def __init__(
+        self, evaluators: Any = None, template_args: Any = None, *args: Any, **kwargs: Any
+    ):
         self.evaluators = evaluators
         self.template_args = template_args
         super().__init__(*args, **kwargs)

@@ -110,7 +110,12 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 CASES = {
     # name: (trainer class, method_args, TrainingArguments overrides, GRU options)
-    "graddiff_accumulation": (GradDiff, {"gamma": 1.0, "alpha": 0.1}, {"gradient_accumulation_steps": 2}, {}),
+    "graddiff_accumulation": (
+        GradDiff,
+        {"gamma": 1.0, "alpha": 0.1},
+        {"gradient_accumulation_steps": 2},
+        {},
+    ),
     "npo_ref_accumulation_clip": (
         NPO,
         {"beta": 0.5, "alpha": 1.0},
@@ -150,9 +155,7 @@ def test_mixin_equals_the_closure_replay(tmp_path: Path, case: str) -> None:
     assert trainer.state.global_step == 3 and len(trainer.steps) == 3
     assert all(len(s) == overrides.get("gradient_accumulation_steps", 1) for s in trainer.steps)
     gru_options = {k.removeprefix("gru_"): v for k, v in gru.items()}
-    expected, opt = closure_replay(
-        trainer, start, 0.05, max_grad_norm=clip or None, **gru_options
-    )
+    expected, opt = closure_replay(trainer, start, 0.05, max_grad_norm=clip or None, **gru_options)
     diff = max_diff(model, expected)
     moved = max_diff(model, start)
     print(f"{case} transformers {transformers.__version__}: max |w - w_replay| = {diff:.3g}")
@@ -280,7 +283,9 @@ def test_lr_schedule_and_logs(tmp_path: Path) -> None:
     assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]
     assert trainer.gru_optimizer.param_groups[0]["lr"] == 0.0  # the schedule's end
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 4 and all({"retain_loss", "gru_cosine", "gru_conflict"} <= h.keys() for h in logs)
+    assert len(logs) == 4 and all(
+        {"retain_loss", "gru_cosine", "gru_conflict"} <= h.keys() for h in logs
+    )
 
 
 # ---------------------------------------------------------------- ZeRO-3, two gloo processes
@@ -309,13 +314,19 @@ def test_unpaired_dataset_through_the_default_collator_names_the_fix(tmp_path: P
         train_dataset=qa_examples(FORGET_AUTHORS),  # not paired with retain examples
         processing_class=tiny_tokenizer(),
     )
-    with pytest.raises(ValueError, match=r"got an item \['attention_mask', 'input_ids', 'labels'\]: wrap the examples in PairedUnlearningDataset"):
+    with pytest.raises(
+        ValueError,
+        match=r"got an item \['attention_mask', 'input_ids', 'labels'\]: wrap the examples in "
+        r"PairedUnlearningDataset",
+    ):
         trainer.train()
 
 
 def test_raw_strings_in_the_paired_dataset_say_what_it_expects() -> None:
     retain = qa_examples(RETAIN_AUTHORS)
-    with pytest.raises(TypeError, match=r"first forget example is a str \('Who wrote.*encode_example"):
+    with pytest.raises(
+        TypeError, match=r"first forget example is a str \('Who wrote.*encode_example"
+    ):
         PairedUnlearningDataset(["Who wrote the poems?", "Where?"], retain)
     with pytest.raises(TypeError, match="first retain example is a dict with keys \\['text'\\]"):
         PairedUnlearningDataset(qa_examples(FORGET_AUTHORS), [{"text": "x"}])
@@ -337,7 +348,11 @@ def test_idk_objective_without_refusals_says_how_to_give_them(tmp_path: Path) ->
 
 def test_gru_optimizer_given_parameters_and_lr_says_it_wraps_an_instance() -> None:
     model = tiny_model("gpt2")
-    with pytest.raises(TypeError, match=r"wraps a torch.optim.Optimizer instance, got generator and the option\(s\) lr=.*AdamW\(model.parameters\(\), lr=1e-3\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"wraps a torch.optim.Optimizer instance, got generator and the option\(s\) lr=.*"
+        r"AdamW\(model.parameters\(\), lr=1e-3\)",
+    ):
         GRUOptimizer(model.parameters(), lr=1e-3)  # type: ignore[arg-type, call-arg]
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match=r"option\(s\) lr=, momentum=, which GRUOptimizer"):

@@ -284,7 +284,9 @@ class GRUMixin:
             )
         return token_mask(retain["labels"]).sum()
 
-    def gru_retain_loss(self, model: nn.Module, inputs: Mapping[str, Any], num_items: Tensor) -> Tensor:
+    def gru_retain_loss(
+        self, model: nn.Module, inputs: Mapping[str, Any], num_items: Tensor
+    ) -> Tensor:
         """The retain loss of one micro-batch, whose gradient (summed over the step's
         micro-batches) GRU folds into its memory: the NLL of ``inputs["retain"]``'s answer
         tokens, summed and divided by ``num_items`` (the step's count from
@@ -388,7 +390,7 @@ class GRUMixin:
                 with sync(k):
                     with cast_self.compute_loss_context_manager():
                         loss = self.gru_retain_loss(model, b, retain_items)
-                    (loss * scale if scale != 1.0 else loss).backward()
+                    torch.autograd.backward(loss * scale if scale != 1.0 else loss)
                 rp.record(loss.detach())
         assert rp.loss is not None
         self._gru_log["retain_loss"].append(rp.loss)
@@ -396,7 +398,7 @@ class GRUMixin:
         for k, (b, n) in enumerate(prepared):
             with sync(k):
                 loss = self._gru_objective(model, b, n, len(prepared))
-                loss.backward()
+                torch.autograd.backward(loss)
             total = total + loss.detach()
         return total
 
@@ -472,9 +474,7 @@ def with_gru(trainer_class: _T) -> _T:
     """``class GRU<Name>(GRUMixin, trainer_class)``: the Trainer subclass with GRU, named
     for registries (open-unlearning's ``_register_trainer`` keys on ``__name__``)."""
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
-        raise TypeError(
-            f"with_gru takes a transformers.Trainer subclass, got {trainer_class!r}"
-        )
+        raise TypeError(f"with_gru takes a transformers.Trainer subclass, got {trainer_class!r}")
     if issubclass(trainer_class, GRUMixin):
         raise TypeError(f"{trainer_class.__name__} already has GRU (GRUMixin)")
     name = f"GRU{trainer_class.__name__}"
