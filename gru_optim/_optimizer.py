@@ -32,7 +32,7 @@ from ._groups import (
     fill_groups,
     real,
 )
-from ._inner import needs_closure
+from ._inner import needs_closure, not_ready
 from ._memory import EMA_KEY, RetainMemory
 from ._partition import PARTITIONS, Granularity
 from ._pending import Pending, RetainPass, signature
@@ -174,6 +174,13 @@ class GRUOptimizer(_Sides, Optimizer):
                 + "; build the optimizer with its own options first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
             )
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps only sparse gradients, and the rectified gradient "
+                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
+                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
+                "gradients (nn.Embedding(sparse=True)) itself"
+            )
         gamma = check_gamma(gamma)
         retain_weight = check_retain_weight(retain_weight)
         if granularity not in PARTITIONS:
@@ -292,6 +299,36 @@ class GRUOptimizer(_Sides, Optimizer):
         return "cpu" if dev.type == "cpu" and not interpreting() else "triton"
 
     # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes of the inner optimizer that this class does not define
+        (schedule-free's ``train()`` / ``eval()``, Lookahead's ``backup_and_load_cache()``,
+        ...), so that training loops that look for them on the optimizer (``hasattr(opt,
+        "train")``: the HF Trainer, ``GRUTrainer``) find them. Only called when normal
+        lookup fails; private names are never delegated, and nothing is found before
+        ``__init__`` set the inner optimizer (unpickling, ``copy``). Calling an inner
+        method bypasses GRU: methods that step are GRU's own (``step``)."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        # Through _real() (which reads __dict__ only): Lightning's LightningOptimizer
+        # keeps the original as _optimizer.
+        inner = self._real().__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def _check_ready(self) -> None:
+        """Refuse a GRU step that would fail part-way, before anything changes: one the
+        inner optimizer would refuse, or complex parameters under a gradient scaler."""
+        reason = not_ready(self._inner)
+        if reason is not None:
+            raise RuntimeError(reason)
+        if self._amp.scaler is not None and any(p.is_complex() for p in self._trainable()):
+            raise RuntimeError(
+                "torch's GradScaler does not unscale complex gradients "
+                "(_amp_foreach_non_finite_check_and_unscale_ is not implemented for complex "
+                "dtypes): train complex parameters without grad_scaler (bf16 autocast or fp32)"
+            )
+
     @property
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer."""
@@ -481,6 +518,7 @@ class GRUOptimizer(_Sides, Optimizer):
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
         hypers = self._read_hyper()
+        self._check_ready()
         handle = RetainPass(check_loss(loss, "retain_pass loss") if loss is not None else None)
         self._in_retain_pass = True
         try:
@@ -585,6 +623,7 @@ class GRUOptimizer(_Sides, Optimizer):
         hypers = self._read_hyper()
         self._check_combinations(hypers)
         # Everything that can be refused is refused here, before the retain side folds.
+        self._check_ready()
         if self._closure_driven:
             if closure is None:
                 raise RuntimeError(

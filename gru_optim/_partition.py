@@ -78,7 +78,8 @@ class Layout:
         self.segments = segments
         self.hyper = hyper
         self.reducer = reducer
-        self.numels = [p.numel() for p in members]
+        # Real scalars per member (a complex one counts its real view's two per element).
+        self.numels = [p.numel() * (2 if p.is_complex() else 1) for p in members]
 
     def solve(
         self,

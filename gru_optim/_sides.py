@@ -150,21 +150,16 @@ class _Sides:
         return out
 
     @staticmethod
-    def _check_grads(params: list[Tensor]) -> None:
+    def _densify(params: list[Tensor]) -> None:
+        """Sparse gradients (``nn.Embedding(sparse=True)``) become dense, in place of
+        ``.grad``: the memory is dense (it decays every row) and so is the rectified
+        gradient ``g - c m``, which the inner optimizer then steps (it must accept dense
+        gradients: ``SparseAdam`` is refused when the GRUOptimizer is built). Complex
+        gradients need nothing: every pass reads them as real views (``_reduce.local``)."""
         for p in params:
             g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(
-                    "GRUOptimizer does not support sparse gradients (layout "
-                    f"{g.layout}); use dense embeddings (sparse=False)"
-                )
-            if g.is_complex():
-                raise RuntimeError(
-                    "GRUOptimizer does not support complex parameters: the projection is "
-                    "defined for real gradients; view them with torch.view_as_real"
-                )
+            if g is not None and g.layout != torch.strided:
+                p.grad = g.to_dense()
 
     def _checking(self) -> bool:
         return self.skip_nonfinite or self._amp.enabled
@@ -215,7 +210,7 @@ class _Sides:
             raise RuntimeError(
                 "the post-rectification pass computed no gradient: call backward on its loss"
             )
-        self._check_grads(params)
+        self._densify(params)
         pending.post = True
         if losses and losses[0] is not None:
             pending.extra["post_loss"] = losses[0]
@@ -224,7 +219,7 @@ class _Sides:
     def _fold(self, params: list[Tensor], loss: Any, hypers: list[Hyper]) -> None:
         """Fold the retain gradient now in ``.grad`` into the memory and leave the step's
         record in ``self._pending``."""
-        self._check_grads(params)
+        self._densify(params)
         self._amp.unscale_retain()
         gi = self._group_index()
         with torch.no_grad():
@@ -334,7 +329,6 @@ class _Sides:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads(params)
         self._amp.unscale_forget()
         device = self._stats_device(params)
         found = self._amp.found_inf(device)
@@ -354,7 +348,6 @@ class _Sides:
                 "or retain_pass() first, then the forget backward, then step(); gradients "
                 "present when the retain side starts are discarded as stale"
             )
-        self._check_grads(params)
         if pending.watch is not None:
             changed = pending.watch.changed(allowed=1 if self._amp.caller_unscaled() else 0)
             if changed:
@@ -367,6 +360,7 @@ class _Sides:
                     "instead, which clips the rectified gradient right before the inner "
                     "step, and zero gradients only through the optimizer's zero_grad()"
                 )
+        self._densify(params)
         self._amp.unscale_forget()
         with torch.no_grad():
             layout = self._layout(params, hypers, zero_fill=True)

@@ -6,8 +6,8 @@
   role of a gradient), so that ``<theta_new - theta_old, m> <= 0`` whatever the inner
   optimizer's preconditioning. One extra parameter-sized buffer.
 - :func:`closure_driven_step`: optimizers whose ``step`` re-evaluates the closure
-  (``LBFGS``): the memory is folded once, every evaluation of the forget closure is
-  rectified against it.
+  (``LBFGS``; SAM, which also uses the gradient present when it is called): the memory
+  is folded once, every evaluation of the forget closure is rectified against it.
 
 Each returns ``(solution, reason, grad_norm, clip_coef)`` for the statistics; the host
 reads that decide a skip go through ``opt._skip`` (only when GRU checks).
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._functional import tensor_sq_norms
-from ._inner import step_inner
+from ._inner import gradient_first, step_inner
 from ._partition import Layout
 from ._reduce import local
 from ._rules import Solution
@@ -136,6 +136,7 @@ def closure_driven_step(
         if opt.space != "gradient":
             return loss
         params = opt._trainable()
+        opt._densify(params)
         with torch.no_grad():
             layout = build_layout(params)
             vectors = [local(p.grad) for p in layout.members]  # type: ignore[arg-type]
@@ -148,13 +149,20 @@ def closure_driven_step(
         last["result"] = (sol, reason, *clip)
         return loss
 
+    # A step that uses the gradient present when it is called (SAM): the forget gradient
+    # at the current weights, rectified like every later evaluation.
+    first = gradient_first(opt._inner)
     if opt.space == "gradient":
+        if first:
+            evaluate()
         out = step_inner(opt._inner, evaluate)
         return out, last["result"]
     with torch.no_grad():
         layout = build_layout(opt._trainable())
         weights = [local(p) for p in layout.members]
         old = [w.detach().clone() for w in weights]
+    if first:
+        evaluate()
     out = step_inner(opt._inner, evaluate)
     with torch.no_grad():
         torch._foreach_sub_(old, weights)
