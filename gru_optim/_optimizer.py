@@ -165,21 +165,20 @@ class GRUOptimizer(_Sides, Optimizer):
         # (GRUOptimizer(model.parameters(), lr=1e-3)), to say what to do instead.
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
-        if not isinstance(optimizer, Optimizer) or inner_options:
-            given = ", ".join(f"{k}=" for k in inner_options)
+        given = ", ".join(f"{k}=" for k in inner_options)
+        if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
                 f"{type(optimizer).__name__}"
-                + (f" and the option(s) {given}, which GRUOptimizer does not take" if given else "")
+                + (f" and the option(s) {given}" if given else "")
                 + "; build the optimizer with its own options first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
             )
-        if isinstance(optimizer, torch.optim.SparseAdam):
+        if inner_options:
             raise TypeError(
-                "SparseAdam steps only sparse gradients, and the rectified gradient "
-                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
-                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
-                "gradients (nn.Embedding(sparse=True)) itself"
+                f"GRUOptimizer got unexpected keyword argument(s) {given}: the wrapped "
+                "optimizer's options (lr, betas, ...) go to it when you build it; see "
+                "help(GRUOptimizer) for GRU's own (gamma, granularity, ...)"
             )
         gamma = check_gamma(gamma)
         retain_weight = check_retain_weight(retain_weight)

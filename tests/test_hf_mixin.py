@@ -355,6 +355,8 @@ def test_gru_optimizer_given_parameters_and_lr_says_it_wraps_an_instance() -> No
     ):
         GRUOptimizer(model.parameters(), lr=1e-3)  # type: ignore[arg-type, call-arg]
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match=r"option\(s\) lr=, momentum=, which GRUOptimizer"):
-        GRUOptimizer(inner, lr=1e-3, momentum=0.9)  # type: ignore[call-arg]
+    with pytest.raises(
+        TypeError, match=r"unexpected keyword argument\(s\) lr=, gama=: the wrapped"
+    ):
+        GRUOptimizer(inner, lr=1e-3, gama=0.9)  # type: ignore[call-arg]
     GRUOptimizer(inner, gamma=0.5)  # the GRU options are still accepted
