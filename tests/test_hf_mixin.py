@@ -360,3 +360,24 @@ def test_gru_optimizer_given_parameters_and_lr_says_it_wraps_an_instance() -> No
     ):
         GRUOptimizer(inner, lr=1e-3, gama=0.9)  # type: ignore[call-arg]
     GRUOptimizer(inner, gamma=0.5)  # the GRU options are still accepted
+
+
+def test_an_epoch_shorter_than_the_accumulation_is_one_step(tmp_path: Path) -> None:
+    """2 micro-batches per epoch, gradient_accumulation_steps=4: each epoch is one step of
+    2 micro-batches (transformers 4.45 says so only after the last training_step; the
+    mixin counts the epoch's micro-batches), equal to the closure replay."""
+    cls = type("RecordingGradDiff", (Recorder, GRUMixin, GradDiff), {})
+    model = tiny_model("gpt2", seed=1)
+    start = copy.deepcopy(model)
+    trainer = cls(
+        model=model,
+        args=training_args(tmp_path, max_steps=2, gradient_accumulation_steps=4),
+        train_dataset=paired_set(),
+        data_collator=PairedCollator(PAD),
+        alpha=0.1,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2 and [len(s) for s in trainer.steps] == [2, 2]
+    expected, _ = closure_replay(trainer, start, 0.05)
+    assert max_diff(model, expected) < FP32
+    assert max_diff(model, start) > 1e-3
