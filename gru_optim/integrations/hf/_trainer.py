@@ -243,16 +243,17 @@ class GRUTrainer(GRUMixin, _ObjectiveTrainer):
     summed over all processes, so that the distributed step is the step on the union of
     the processes' batches; otherwise they are per process.
 
-    Args:
-        objective: a name from :data:`gru_optim.objectives.OBJECTIVES` or an
-            :class:`~gru_optim.objectives.Objective`.
-        ref_model: frozen reference model for objectives that need one. ``None``: the
-            base model with its adapters disabled for a PEFT model (no copy), otherwise
-            a frozen deep copy of ``model`` taken at construction.
-        gru_kwargs: keyword arguments of :class:`GRUOptimizer` (``gamma``, ...), used to
-            wrap the optimizer the Trainer creates or the one passed in ``optimizers``
-            (or, one by one, ``gru_gamma=...``).
-        objective_kwargs: hyperparameters of the objective (``beta``, ``alpha``, ...).
+    Keywords, besides the Trainer's:
+
+    - ``objective``: a name from :data:`gru_optim.objectives.OBJECTIVES` or an
+      :class:`~gru_optim.objectives.Objective` (default ``"graddiff"``).
+    - ``ref_model``: frozen reference model for objectives that need one. ``None``: the
+      base model with its adapters disabled for a PEFT model (no copy), otherwise a frozen
+      deep copy of ``model`` taken at construction.
+    - ``gru_kwargs``: keyword arguments of :class:`GRUOptimizer` (``gamma``, ...), used to
+      wrap the optimizer the Trainer creates or the one passed in ``optimizers`` (or, one
+      by one, ``gru_gamma=...``).
+    - ``objective_kwargs``: hyperparameters of the objective (``beta``, ``alpha``, ...).
 
     Everything else is ``transformers.Trainer``'s. ``remove_unused_columns`` is turned
     off (the paired batches are nested). fp16 with a gradient scaler is not supported:
