@@ -12,7 +12,7 @@ forget/retain data, ``gru_optim.rules`` the rectification rules, and ``gru_optim
 from . import data, functional, objectives, rules
 from ._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
 from ._memory import EMA_KEY
-from ._optimizer import GRUOptimizer
+from ._optimizer import GRUOptimizer, PlainStepWarning
 from ._pending import RetainPass
 from ._rules import COS_CLIP_KEY
 from ._stats import SkipReason
@@ -23,6 +23,7 @@ __all__ = [
     "EMA_KEY",
     "GAMMA_KEY",
     "GRUOptimizer",
+    "PlainStepWarning",
     "RETAIN_WEIGHT_KEY",
     "RetainPass",
     "SkipReason",

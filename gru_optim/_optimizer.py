@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import numbers
+import os
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -29,7 +34,10 @@ from ._groups import (
     Hyper,
     check_gamma,
     check_retain_weight,
+    check_values,
     fill_groups,
+    group_values,
+    plan_groups,
     real,
 )
 from ._inner import needs_closure, not_ready
@@ -40,9 +48,103 @@ from ._rules import Cone, OneDirection, Rule, make_rule
 from ._sides import Closure, _Sides, check_loss
 from ._spaces import SPACES
 
-__all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
+__all__ = ["EMA_KEY", "GRUOptimizer", "PlainStepWarning", "RetainPass"]
 
 _DEVICE_FOUND_INF = ("Adam", "AdamW", "SGD", "Adagrad")
+_DEFAULT_GAMMA = 0.8
+"""The authors' ``gamma``: the value of a group that has none when none is given."""
+
+PlainSteps = Literal["warn", "error", "allow"]
+_PLAIN_STEPS: tuple[str, ...] = ("warn", "error", "allow")
+
+
+class PlainStepWarning(UserWarning):
+    """A ``GRUOptimizer.step()`` rectified nothing because no retain gradient was given
+    (no ``retain_closure``, no ``retain_pass()`` before it): it was the inner optimizer's
+    plain step. Issued once per optimizer; ``GRUOptimizer(plain_steps="allow")`` silences
+    it for deliberate plain steps, ``plain_steps="error"`` raises instead. Filter it like
+    any warning: ``warnings.filterwarnings("ignore", category=PlainStepWarning)``."""
+
+
+# The live GRUOptimizer around each inner optimizer (weak references both ways: a
+# wrapper that was garbage-collected, or an inner optimizer that was, leaves no entry).
+_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[GRUOptimizer]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gru_inside(optimizer: Any) -> bool:
+    """Whether a GRUOptimizer sits inside ``optimizer`` (Accelerate's
+    ``AcceleratedOptimizer`` or any wrapper exposing ``.optimizer``)."""
+    for _ in range(8):
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return False
+        if isinstance(optimizer, GRUOptimizer):
+            return True
+    return False
+
+
+def _check_plain_steps(value: Any) -> None:
+    if not isinstance(value, str) or value not in _PLAIN_STEPS:
+        raise ValueError(
+            f"plain_steps must be one of {', '.join(map(repr, _PLAIN_STEPS))}, got {value!r}"
+        )
+
+
+def _refuse_second_wrapper(optimizer: Optimizer) -> None:
+    """Raise when a live GRUOptimizer already wraps ``optimizer``.
+
+    Live means still referenced: a wrapper dropped with ``del`` (or by rebinding its name)
+    does not block, even while it waits in a reference cycle for the garbage collector,
+    which runs once here to decide.
+    """
+    ref = _OWNERS.get(optimizer)
+    if ref is None or ref() is None:
+        return
+    gc.collect()
+    if ref() is None:
+        return
+    raise RuntimeError(
+        f"this {type(optimizer).__name__} is already wrapped by a GRUOptimizer that is "
+        "still in use: two wrappers would fold their retain gradients into the same "
+        "parameter groups and inner state. Keep using the first one (change its "
+        "hyperparameters with opt.gamma = ... or its param_groups), or drop every "
+        "reference to it (del opt; an LR scheduler or Trainer holding it counts) before "
+        "wrapping again"
+    )
+
+
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning issued by the caller of this function that names the
+    first frame outside gru_optim and torch (the user's ``opt.step()`` line, through
+    the step wrappers and LR schedulers' patches)."""
+    level = 2
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def _frozen_lr(groups: list[dict[str, Any]]) -> bool:
+    """Every group's learning rate is 0 (a step that moves nothing, as
+    ``torch.distributed.checkpoint`` takes to create the inner state): decided from Python
+    numbers and CPU tensors only, never by a device read."""
+    for g in groups:
+        lr = g.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu" or lr.numel() != 1 or float(lr) != 0.0:
+                return False
+        elif not isinstance(lr, numbers.Real) or lr != 0:
+            return False
+    return True
 
 
 def _takes_device_found_inf(optimizer: Optimizer) -> bool:
@@ -68,14 +170,16 @@ class GRUOptimizer(_Sides, Optimizer):
         optimizer: the optimizer to wrap (an instance). ``param_groups``, ``state`` and
             ``defaults`` are the inner optimizer's own objects.
         gamma: weight of the new retain gradient in the memory, in ``(0, 1]``
-            (``1``: no smoothing). The authors' default is ``0.8``. Stored per parameter
-            group under ``"gru_gamma"``.
+            (``1``: no smoothing). Stored per parameter group under ``"gru_gamma"``.
+            ``None`` (the default): each group keeps the value it already holds (see
+            below), else the authors' ``0.8``.
         granularity: ``"global"`` (the paper): one dot product over all trainable
             parameters; ``"group"``: one per parameter group; ``"tensor"``: one per
             parameter tensor.
         retain_weight: after rectification add this multiple of the current retain
             gradient (the authors' ``+ce`` variant). ``0`` adds nothing. Stored per
-            parameter group under ``"gru_retain_weight"``.
+            parameter group under ``"gru_retain_weight"``. ``None`` (the default): each
+            group keeps the value it already holds, else ``0``.
         space: ``"gradient"`` (the paper) rectifies the gradient before the inner step;
             ``"update"`` rectifies the inner optimizer's actual parameter change, so that
             ``<theta_new - theta_old, m> <= 0`` after the step whatever the
@@ -121,6 +225,25 @@ class GRUOptimizer(_Sides, Optimizer):
             unscaled again), and skips a step on overflow whatever ``skip_nonfinite``
             says. Call ``opt.step(...)`` or ``scaler.step(opt, ...)``, then
             ``scaler.update()`` once per iteration as usual: GRU never calls it.
+        plain_steps: what a step that rectifies nothing because it was given no retain
+            gradient (no ``retain_closure``, no :meth:`retain_pass` before it) does:
+            ``"warn"`` (once per optimizer, a :class:`~gru_optim.PlainStepWarning`),
+            ``"error"`` (raises ``RuntimeError`` before anything changes) or ``"allow"``
+            (deliberate plain steps, e.g. warm-up steps or a pass-through test). A step
+            with every learning rate 0 (how ``torch.distributed.checkpoint`` creates the
+            inner state) is never reported.
+
+    Hyperparameters already in the inner optimizer's groups (``gru_gamma``,
+    ``gru_retain_weight``, ``gru_cos_clip``: an optimizer that loaded a GRU checkpoint,
+    or was wrapped before): a value given here wins and is written into every group; a
+    value not given (``None``) is each group's own, and groups without one (and groups
+    added later) take the value the others agree on, else the default. The rule's
+    hyperparameter (``cos_clip``) comes with the rule chosen here. Everything is
+    validated before anything is written: a refused call leaves the inner optimizer as
+    it was. One inner optimizer has at most one live wrapper: wrapping it again while
+    the first ``GRUOptimizer`` is still referenced raises (``del`` the first one, and
+    whatever holds it, to re-wrap); a deep copy or an unpickled wrapper holds its own
+    copy of the inner optimizer.
 
     Use it with closures::
 
@@ -135,7 +258,7 @@ class GRUOptimizer(_Sides, Optimizer):
         opt.step()
 
     ``step()`` with no retain closure and no pending retain pass is exactly the inner
-    optimizer's step.
+    optimizer's step (reported once, see ``plain_steps``).
     """
 
     # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
@@ -146,9 +269,9 @@ class GRUOptimizer(_Sides, Optimizer):
         self,
         optimizer: Optimizer,
         *,
-        gamma: float = 0.8,
+        gamma: float | None = None,
         granularity: Granularity = "global",
-        retain_weight: float = 0.0,
+        retain_weight: float | None = None,
         space: str = "gradient",
         cos_clip: float | None = None,
         directions: int = 1,
@@ -159,29 +282,50 @@ class GRUOptimizer(_Sides, Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         grad_scaler: Any = None,
+        plain_steps: PlainSteps = "warn",
         **inner_options: Any,
     ) -> None:
         # inner_options only catches the inner optimizer's options given here by mistake
         # (GRUOptimizer(model.parameters(), lr=1e-3)), to say what to do instead.
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
-        given = ", ".join(f"{k}=" for k in inner_options)
+        if _gru_inside(optimizer):
+            raise TypeError(
+                f"the optimizer ({type(optimizer).__name__}) already wraps a GRUOptimizer "
+                "(as its .optimizer): GRU would rectify twice, the inner one with no retain "
+                "pass; wrap the plain optimizer once and use that GRUOptimizer"
+            )
+        given_options = ", ".join(f"{k}=" for k in inner_options)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
                 f"{type(optimizer).__name__}"
-                + (f" and the option(s) {given}" if given else "")
+                + (f" and the option(s) {given_options}" if given_options else "")
                 + "; build the optimizer with its own options first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
             )
         if inner_options:
             raise TypeError(
-                f"GRUOptimizer got unexpected keyword argument(s) {given}: the wrapped "
-                "optimizer's options (lr, betas, ...) go to it when you build it; see "
+                f"GRUOptimizer got unexpected keyword argument(s) {given_options}: the "
+                "wrapped optimizer's options (lr, betas, ...) go to it when you build it; see "
                 "help(GRUOptimizer) for GRU's own (gamma, granularity, ...)"
             )
-        gamma = check_gamma(gamma)
-        retain_weight = check_retain_weight(retain_weight)
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps only sparse gradients, and the rectified gradient "
+                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
+                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
+                "gradients (nn.Embedding(sparse=True)) itself"
+            )
+        # Everything is validated before anything is written (into the inner optimizer's
+        # groups or the registry of wrappers): a refused call changes nothing.
+        _refuse_second_wrapper(optimizer)
+        given: dict[str, Any] = {}
+        if gamma is not None:
+            given[GAMMA_KEY] = check_gamma(gamma)
+        if retain_weight is not None:
+            given[RETAIN_WEIGHT_KEY] = check_retain_weight(retain_weight)
+        _check_plain_steps(plain_steps)
         if granularity not in PARTITIONS:
             raise ValueError(
                 f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, "
@@ -209,20 +353,28 @@ class GRUOptimizer(_Sides, Optimizer):
         self.foreach = foreach
         self._fused = self._resolve_fused(fused, optimizer)
         self._device_skip = self._fused and _takes_device_found_inf(optimizer)
-        self._hdefaults: dict[str, Any] = {
-            GAMMA_KEY: gamma,
-            RETAIN_WEIGHT_KEY: retain_weight,
-            **self._rule.defaults(),
-        }
+        # The rule's hyperparameters come with the rule chosen here: given explicitly.
+        given.update(self._rule.defaults())
+        self._hdefaults, planned = plan_groups(
+            optimizer.param_groups,
+            given,
+            {GAMMA_KEY: _DEFAULT_GAMMA, RETAIN_WEIGHT_KEY: 0.0},
+        )
         self._closure_driven = needs_closure(optimizer)
+        self._plain_steps: PlainSteps = plain_steps
+        self._warned_plain = False
         self._update_buffers: dict[Any, Tensor] = {}
         self._pending: Pending | None = None
         self._warned_dropped = False
         self._in_forget_closure = False
         self._in_retain_pass = False
         self._last_stats: dict[str, Tensor] = {}
-        fill_groups(optimizer.param_groups, self._hdefaults)
-        self._check_combinations(self._read_hyper())
+        n = len(optimizer.param_groups)
+        self._check_combinations(
+            check_values(planned, self._rule_checks(), [f" (param_groups[{i}])" for i in range(n)])
+        )
+        for group, values in zip(optimizer.param_groups, planned):
+            group.update(values)
         # Optimizer.__init__ installs the hook dictionaries and patches step for hooks and
         # profiling; while it runs, its writes to param_groups/state/defaults are ignored
         # (they belong to the inner optimizer).
@@ -231,6 +383,7 @@ class GRUOptimizer(_Sides, Optimizer):
             super().__init__(optimizer.param_groups, optimizer.defaults)
         finally:
             self._initializing = False
+        _OWNERS[optimizer] = weakref.ref(self)
 
     def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> bool:
         """Whether the fused kernels run (raises for ``fused=True`` where they cannot)."""
@@ -362,12 +515,37 @@ class GRUOptimizer(_Sides, Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the inner optimizer (GRU's keys default to the values
-        this optimizer was built with)."""
+        this optimizer was built with).
+
+        Validated first (GRU's values in the group, and their combination with the other
+        groups'): a refused group is not added and nothing changes. Refused between a
+        retain side and its ``step()``, as :meth:`state_dict` is: the memory is then one
+        fold ahead and the step would treat the new parameters' gradients wrongly."""
         if self.__dict__.get("_initializing", False):
             return
+        real = self._real()
+        if real is not self:
+            real.add_param_group(param_group)
+            return
+        if self._pending is not None or self._in_retain_pass or self._in_forget_closure:
+            raise RuntimeError(
+                "add_param_group() between retain_pass() (or a retain closure) and step(): "
+                "the memory is one fold ahead and the step would take the new parameters' "
+                "retain gradient (or none) for a forget gradient; add the group after "
+                "step() (or before the retain pass)"
+            )
+        groups = self._inner.param_groups
+        hypers = check_values(
+            group_values(groups, self._hdefaults),
+            self._rule_checks(),
+            [f" (param_groups[{i}])" for i in range(len(groups))],
+        )
+        if isinstance(param_group, dict):
+            (values,) = group_values([param_group], self._hdefaults)
+            hypers += check_values([values], self._rule_checks(), [" (the new parameter group)"])
+            self._check_combinations(hypers)
         self._inner.add_param_group(param_group)
-        fill_groups(self._inner.param_groups, self._hdefaults)
-        self._check_combinations(self._read_hyper())
+        fill_groups(self._inner.param_groups[-1:], self._hdefaults)
 
     # ------------------------------------------------------------------ hyperparameters
     def _uniform(self, key: str) -> Any:
@@ -407,6 +585,18 @@ class GRUOptimizer(_Sides, Optimizer):
         return self._rule
 
     @property
+    def plain_steps(self) -> PlainSteps:
+        """What a step given no retain gradient does: ``"warn"``, ``"error"`` or
+        ``"allow"`` (see the constructor); settable."""
+        value: PlainSteps = self._real().__dict__["_plain_steps"]
+        return value
+
+    @plain_steps.setter
+    def plain_steps(self, value: PlainSteps) -> None:
+        _check_plain_steps(value)
+        self._real().__dict__["_plain_steps"] = value
+
+    @property
     def ema_dtype(self) -> torch.dtype | None:
         return self._memory.dtype
 
@@ -440,11 +630,13 @@ class GRUOptimizer(_Sides, Optimizer):
                 )
             if not self._warned_dropped:
                 self._warned_dropped = True
+                # It announces the plain step that follows: that step does not warn again.
+                self._warned_plain = True
                 warnings.warn(
                     "zero_grad() discarded a retain pass that no step() used: the next step "
                     "is a plain, unrectified step (last_stats['rectified'] is False). Call "
                     "zero_grad() before the retain pass, not between it and step().",
-                    UserWarning,
+                    PlainStepWarning,
                     stacklevel=2,
                 )
             self._discard_pending()
@@ -470,7 +662,40 @@ class GRUOptimizer(_Sides, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["_initializing"] = False
+        state.setdefault("_plain_steps", "warn")
+        state.setdefault("_warned_plain", False)
         super().__setstate__(state)
+        # A deep copy or an unpickled optimizer wraps its own copy of the inner one.
+        inner = state.get("_inner")
+        if isinstance(inner, Optimizer):
+            ref = _OWNERS.get(inner)
+            if ref is None or ref() is None:
+                _OWNERS[inner] = weakref.ref(self)
+
+    def _check_plain_step(self) -> None:
+        """A step with no retain gradient is the inner optimizer's plain step: warn once
+        (``plain_steps="warn"``), raise (``"error"``) or say nothing (``"allow"``). A step
+        with every learning rate 0 moves nothing and is not reported."""
+        if self.plain_steps == "allow" or (self.plain_steps == "warn" and self._warned_plain):
+            return
+        if _frozen_lr(self._inner.param_groups):
+            return
+        message = (
+            "GRUOptimizer.step() got no retain gradient (no retain_closure, and no "
+            "retain_pass() before it), so it rectified nothing: it was the inner "
+            f"{type(self._inner).__name__}'s plain step. Give the retain loss with "
+            "opt.step(forget_closure, retain_closure), or back-propagate it inside "
+            "`with opt.retain_pass():` before the forget loss's backward and step(). For "
+            "deliberate plain steps build GRUOptimizer(..., plain_steps='allow')"
+        )
+        if self.plain_steps == "error":
+            raise RuntimeError(message + " (this optimizer has plain_steps='error')")
+        self._warned_plain = True
+        warnings.warn(
+            message + " (warned once per optimizer; plain_steps='error' raises instead)",
+            PlainStepWarning,
+            stacklevel=_caller_level(),
+        )
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
@@ -585,7 +810,8 @@ class GRUOptimizer(_Sides, Optimizer):
         - ``step()`` (or ``step(forget_closure)``) after a :meth:`retain_pass`: rectifies
           the gradients present now (computed by ``forget_closure`` if given) and steps.
         - ``step()`` / ``step(closure)`` otherwise: exactly the inner optimizer's step
-          (``last_stats["rectified"]`` is ``False``).
+          (``last_stats["rectified"]`` is ``False``), a :class:`~gru_optim.PlainStepWarning`
+          the first time (``plain_steps``).
 
         A step is skipped (with ``skip_nonfinite``, or always under a gradient scaler)
         when anything it computes is not finite or out of range: the retain or forget
@@ -614,6 +840,7 @@ class GRUOptimizer(_Sides, Optimizer):
                 raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
         self._amp.reject_scaler_step(self)
         if retain_closure is None and post_closure is None and self._pending is None:
+            self._check_plain_step()
             return self._plain_step(closure)
         if retain_closure is not None and self._pending is not None:
             raise RuntimeError(

@@ -90,12 +90,15 @@ class _Sides:
     foreach: bool | None
     last_stats: dict[str, Tensor]
 
-    def _read_hyper(self) -> list[Hyper]:
-        checks = {
+    def _rule_checks(self) -> dict[str, Any]:
+        """The validation of each of the rule's hyperparameters."""
+        return {
             k: (lambda v, where, k=k: self._rule.check(k, v, where))
             for k in self._rule.hyperparameters
         }
-        return read_groups(self._inner.param_groups, self._hdefaults, checks)
+
+    def _read_hyper(self) -> list[Hyper]:
+        return read_groups(self._inner.param_groups, self._hdefaults, self._rule_checks())
 
     def _check_combinations(self, hypers: list[Hyper]) -> None:
         weighted = any(h.retain_weight != 0.0 for h in hypers)
@@ -264,7 +267,7 @@ class _Sides:
                     total = norms.sum()
             assert total is not None  # not checking: the gate is always open
             pending = Pending(
-                loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
+                loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else loss,
                 grad_norm=total.sqrt(),
                 reason=reason,
             )

@@ -381,3 +381,21 @@ def test_an_epoch_shorter_than_the_accumulation_is_one_step(tmp_path: Path) -> N
     expected, _ = closure_replay(trainer, start, 0.05)
     assert max_diff(model, expected) < FP32
     assert max_diff(model, start) > 1e-3
+
+
+def test_a_second_train_reuses_the_gru_optimizer(tmp_path: Path) -> None:
+    """The second train() finds the GRUOptimizer inside Accelerate's wrapper and keeps it
+    (wrapping it again would rectify twice, the inner one with no retain pass: refused)."""
+    cls = with_gru(GradDiff)
+    trainer = cls(
+        model=tiny_model("gpt2"),
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=paired_set(),
+        data_collator=PairedCollator(PAD),
+    )
+    trainer.train()
+    gru = trainer.gru_optimizer
+    trainer.args.max_steps = 2
+    trainer.train()  # -W error: no plain-step warning either
+    assert trainer.gru_optimizer is gru and trainer.state.global_step == 2
+    assert bool(gru.last_stats["rectified"])

@@ -165,7 +165,9 @@ def test_tied_weights_listed_twice_use_torchs_indices_and_round_trip() -> None:
 
 def test_schedulefree_train_eval_are_reachable_and_plain_steps_are_bitwise() -> None:
     net, bare_net = _net(), _net()
-    opt = GRUOptimizer(sf.AdamWScheduleFree(net.parameters(), lr=0.05, warmup_steps=2))
+    opt = GRUOptimizer(
+        sf.AdamWScheduleFree(net.parameters(), lr=0.05, warmup_steps=2), plain_steps="allow"
+    )
     bare = sf.AdamWScheduleFree(bare_net.parameters(), lr=0.05, warmup_steps=2)
     assert hasattr(opt, "train") and hasattr(opt, "eval")
     assert not hasattr(opt, "no_such_method") and not hasattr(opt, "_no_such_private")
@@ -229,7 +231,7 @@ def _lookahead(net: nn.Module) -> po.Lookahead:
 
 def test_lookahead_plain_steps_are_bitwise_and_gru_steps_match_a_float64_reference() -> None:
     net, bare_net = _net(), _net()
-    opt, bare = GRUOptimizer(_lookahead(net)), _lookahead(bare_net)
+    opt, bare = GRUOptimizer(_lookahead(net), plain_steps="allow"), _lookahead(bare_net)
     for i in range(3):
         for n, o in ((net, opt), (bare_net, bare)):
             o.zero_grad()
@@ -280,7 +282,7 @@ def _sam(net: nn.Module) -> po.SAM:
 
 def test_sam_plain_steps_are_bitwise() -> None:
     net, bare_net = _net(), _net()
-    opt, bare = GRUOptimizer(_sam(net)), _sam(bare_net)
+    opt, bare = GRUOptimizer(_sam(net), plain_steps="allow"), _sam(bare_net)
     for i in range(3):
         for n, o in ((net, opt), (bare_net, bare)):
 

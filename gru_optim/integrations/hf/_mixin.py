@@ -214,12 +214,18 @@ class GRUMixin:
         opt = super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
         if self.is_deepspeed_enabled:
             return opt  # type: ignore[no-any-return]
-        if not isinstance(opt, GRUOptimizer):
+        try:
+            # A second train() finds the GRUOptimizer inside Accelerate's wrapper: wrapping
+            # that again would rectify twice (the inner one with no retain pass).
+            found: GRUOptimizer | None = find_gru_optimizer(opt)
+        except TypeError:
+            found = None
+        if found is None:
             options = dict(self.gru_options)
             options["max_grad_norm"] = self._gru_clip
             opt = GRUOptimizer(opt, **options)
             self.optimizer = opt
-        elif opt.max_grad_norm is None:
+        elif (opt := found).max_grad_norm is None:
             opt.max_grad_norm = self._gru_clip
         elif self._gru_clip is not None and opt.max_grad_norm != self._gru_clip:
             raise ValueError(
