@@ -234,7 +234,7 @@ class GRUMixin:
             )
         if not getattr(opt, "_gru_trainer_hooked", False):
             opt.register_step_post_hook(self._gru_record_step)
-            opt._gru_trainer_hooked = True  # type: ignore[attr-defined]
+            opt._gru_trainer_hooked = True
         return self.optimizer  # type: ignore[no-any-return]
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
