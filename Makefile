@@ -67,8 +67,31 @@ lint: $(LINT_STAMP)
 	$(BIN)/ruff format --check gru_optim tests benchmarks docs
 	$(BIN)/mypy
 
+# The Hugging Face tests against the oldest transformers the `hf` extra allows (4.45, the
+# release open-unlearning pins), in a second, smaller environment: torch pinned as above,
+# the floor versions in .ci/hf-floor-constraints.txt, the package from this checkout.
+FLOOR       := .venv-hf-floor
+FLOOR_STAMP := $(FLOOR)/.installed
+HF_TESTS    := tests/test_hf.py tests/test_hf_mixin.py tests/test_docs_open_unlearning.py
+# DeepSpeed's JIT-built op is keyed on its include paths (the venv's): a cache of the floor's
+# own, so that the two environments do not rebuild each other's.
+FLOOR_ENV   := DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(FLOOR)/torch_extensions
+.PHONY: test-hf-floor
+
+$(FLOOR_STAMP): setup.cfg pyproject.toml Makefile .ci/hf-floor-constraints.txt
+	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR)/bin/python -m pip install -q -c .ci/hf-floor-constraints.txt -e ".[test,hf,deepspeed]"
+	$(FLOOR_ENV) $(FLOOR)/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	$(FLOOR)/bin/python -c "from gru_optim._native import build; build()"
+	touch $@
+
+test-hf-floor: $(FLOOR_STAMP)
+	$(FLOOR)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(FLOOR_ENV) $(FLOOR)/bin/python -m pytest -W error -q $(HF_TESTS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOOR) build site *.egg-info .pytest_cache .hypothesis

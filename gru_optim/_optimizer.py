@@ -285,7 +285,10 @@ class GRUOptimizer(_Sides, Optimizer):
         fused: bool | None = None,
         grad_scaler: Any = None,
         plain_steps: PlainSteps = "warn",
+        **inner_options: Any,
     ) -> None:
+        # inner_options only catches the inner optimizer's options given here by mistake
+        # (GRUOptimizer(model.parameters(), lr=1e-3)), to say what to do instead.
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
         if _gru_inside(optimizer):
@@ -294,11 +297,20 @@ class GRUOptimizer(_Sides, Optimizer):
                 "(as its .optimizer): GRU would rectify twice, the inner one with no retain "
                 "pass; wrap the plain optimizer once and use that GRUOptimizer"
             )
+        given_options = ", ".join(f"{k}=" for k in inner_options)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
-                f"{type(optimizer).__name__}; build the optimizer first, e.g. "
-                "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
+                f"{type(optimizer).__name__}"
+                + (f" and the option(s) {given_options}" if given_options else "")
+                + "; build the optimizer with its own options first, e.g. "
+                "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
+            )
+        if inner_options:
+            raise TypeError(
+                f"GRUOptimizer got unexpected keyword argument(s) {given_options}: the "
+                "wrapped optimizer's options (lr, betas, ...) go to it when you build it; see "
+                "help(GRUOptimizer) for GRU's own (gamma, granularity, ...)"
             )
         if isinstance(optimizer, torch.optim.SparseAdam):
             raise TypeError(
