@@ -254,6 +254,8 @@ def train_run(
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        # Pinned host memory only helps copies to an accelerator (torch warns without one).
+        dataloader_pin_memory=cfg["device"] != "cpu" and torch.cuda.is_available(),
         use_cpu=cfg["device"] == "cpu",
         deepspeed=cfg["deepspeed"],
     )
