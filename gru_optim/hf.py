@@ -19,6 +19,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 from .integrations.hf import (
     GRUMixin,
     GRUTrainer,
+    ObjectiveTrainer,
     find_gru_optimizer,
     gru_option_names,
     mean_answer_nll,
@@ -28,6 +29,7 @@ from .integrations.hf import (
 __all__ = [
     "GRUMixin",
     "GRUTrainer",
+    "ObjectiveTrainer",
     "find_gru_optimizer",
     "gru_option_names",
     "mean_answer_nll",

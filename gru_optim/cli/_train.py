@@ -4,7 +4,6 @@ Trainer's own optimizer step."""
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -105,53 +104,17 @@ def add_lora(model: Any, rank: int, alpha: int | None) -> Any:
 
 
 def _plain_trainer_class() -> type:
-    from transformers import Trainer
+    from ..hf import ObjectiveTrainer
+    from ..objectives import nll_loss
 
-    from ..objectives import Objective, get_objective, nll_loss
+    class _Plain(ObjectiveTrainer):
+        """The library's objective trainer without GRU (the baseline: same data, pairing,
+        objective and optimizer, the Trainer's own clipping), logging the retain NLL of
+        each training batch for the loss plot as GRUTrainer does."""
 
-    class _Plain(Trainer):
-        """The objective on paired batches with the Trainer's own optimizer and clipping:
-        the baseline GRU is compared with (same data, pairing, objective and optimizer)."""
-
-        def __init__(
-            self, *args: Any, objective: str, objective_kwargs: Mapping[str, float], **kw: Any
-        ) -> None:
+        def __init__(self, *args: Any, **kw: Any) -> None:
             super().__init__(*args, **kw)
-            self.args.remove_unused_columns = False
-            self.objective: Objective = get_objective(objective, **dict(objective_kwargs))
             self._retain_log: list[Tensor] = []
-            self._ref: nn.Module | None = None
-            self._ref_adapters = False
-            if self.objective.needs_reference:
-                if hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config"):
-                    self._ref_adapters = True
-                else:
-                    trained: Any = self.model
-                    frozen: nn.Module = copy.deepcopy(trained)
-                    frozen.eval().requires_grad_(False)
-                    self._ref = frozen.to(self.args.device)
-
-        def _reference(self, model: nn.Module) -> Any:
-            if self._ref_adapters:
-                peft_model = self.accelerator.unwrap_model(model)
-
-                def forward(**inputs: Tensor) -> Any:
-                    was = peft_model.training
-                    peft_model.eval()
-                    try:
-                        with torch.no_grad(), peft_model.disable_adapter():
-                            return peft_model(**inputs)
-                    finally:
-                        peft_model.train(was)
-
-                return forward
-            ref = self._ref
-
-            def forward_ref(**inputs: Tensor) -> Any:
-                with torch.no_grad():
-                    return ref(**inputs)  # type: ignore[misc]
-
-            return forward_ref
 
         def compute_loss(
             self,
@@ -160,16 +123,13 @@ def _plain_trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            ref = self._reference(model) if self.objective.needs_reference else None
-            loss = self.objective.model_loss(
-                model, inputs.get("forget"), inputs.get("retain"), inputs.get("idk"), ref_model=ref
-            )
-            if model.training:  # the retain NLL, for the loss plot (GRUTrainer logs it too)
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
                 with torch.no_grad():
                     r = inputs["retain"]
                     logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"])
                     self._retain_log.append(nll_loss(logits.logits, r["labels"]).detach())
-            return (loss, None) if return_outputs else loss
+            return out
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs and self._retain_log:

@@ -3,11 +3,12 @@
 the library's objective trainer. The public import path is :mod:`gru_optim.hf`."""
 
 from ._mixin import GRUMixin, find_gru_optimizer, gru_option_names, with_gru
-from ._trainer import GRUTrainer, mean_answer_nll
+from ._trainer import GRUTrainer, ObjectiveTrainer, mean_answer_nll
 
 __all__ = [
     "GRUMixin",
     "GRUTrainer",
+    "ObjectiveTrainer",
     "find_gru_optimizer",
     "gru_option_names",
     "mean_answer_nll",

@@ -14,7 +14,7 @@ from ..._data import PairedCollator, PairedUnlearningDataset, pad_examples
 from ...objectives import Objective, get_objective, nll_loss, token_mask
 from ._mixin import GRUMixin
 
-__all__ = ["GRUTrainer", "mean_answer_nll"]
+__all__ = ["GRUTrainer", "ObjectiveTrainer", "mean_answer_nll"]
 
 _GROUPS = ("forget", "retain", "idk")
 
@@ -59,7 +59,7 @@ def _idk_missing(objective: Objective) -> str:
     )
 
 
-class _ObjectiveTrainer(Trainer):
+class ObjectiveTrainer(Trainer):
     """A Trainer whose ``compute_loss`` is a named objective of
     :mod:`gru_optim.objectives` on paired batches ``{"forget", "retain"[, "idk"]}``.
 
@@ -69,7 +69,9 @@ class _ObjectiveTrainer(Trainer):
     the micro-batch losses add up to the loss of the step's union batch:
     ``loss_is_scaled_for_ga``. With ``average_tokens_across_devices`` on several processes
     the counts are summed over all processes (and the loss multiplied by their number,
-    which the gradient averaging divides back)."""
+    which the gradient averaging divides back). Without the mixin (no
+    :meth:`begin_accumulated_step` calls) each micro-batch is normalised by its own counts:
+    the plain baseline GRU is compared with (same data, pairing, objective, optimizer)."""
 
     loss_is_scaled_for_ga = True
 
@@ -222,13 +224,13 @@ class _ObjectiveTrainer(Trainer):
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """Sum of the model's estimate over the sub-batches of a paired batch."""
         return sum(
-            int(super(_ObjectiveTrainer, self).floating_point_ops(inputs[k]))
+            int(super(ObjectiveTrainer, self).floating_point_ops(inputs[k]))
             for k in _GROUPS
             if k in inputs
         )
 
 
-class GRUTrainer(GRUMixin, _ObjectiveTrainer):
+class GRUTrainer(GRUMixin, ObjectiveTrainer):
     """A ``transformers.Trainer`` that unlearns with GRU and any named objective: the
     library's objective trainer with :class:`~gru_optim.hf.GRUMixin` (one mechanism for
     both; see the mixin for what each optimizer step does).
