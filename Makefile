@@ -83,7 +83,7 @@ $(FLOOR_STAMP): setup.cfg pyproject.toml Makefile .ci/hf-floor-constraints.txt
 	$(FLOOR)/bin/python -m pip install -q --upgrade pip
 	$(FLOOR)/bin/python -m pip install -q -c .ci/hf-floor-constraints.txt -e ".[test,hf,deepspeed]"
 	$(FLOOR_ENV) $(FLOOR)/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-	$(FLOOR)/bin/python -c "from gru_optim._native import build; build()"
+	$(FLOOR)/bin/python -c "from gru_optim.kernels import build; build()"
 	touch $@
 
 test-hf-floor: $(FLOOR_STAMP)
