@@ -10,13 +10,13 @@ forget/retain data, ``gru_optim.rules`` the rectification rules, and ``gru_optim
 """
 
 from . import data, functional, objectives, rules
-from ._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
-from ._memory import EMA_KEY
 from ._optimizer import GRUOptimizer
-from ._pending import RetainPass
-from ._rules import COS_CLIP_KEY
-from ._stats import SkipReason
 from ._version import __version__
+from .engine._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
+from .engine._memory import EMA_KEY
+from .engine._pending import RetainPass
+from .engine._stats import SkipReason
+from .rules import COS_CLIP_KEY
 
 __all__ = [
     "COS_CLIP_KEY",

@@ -1,687 +1,51 @@
-"""``GRUOptimizer``: the public API and the orchestration of one GRU step.
+"""``GRUOptimizer``: the public API of GRU around a torch optimizer (a thin shell).
 
-A step has four parts, each in its own module: the retain side folds the retain gradient
-into the memory (:mod:`._memory`), the forget side asks the rule (:mod:`._rules`) to
-rectify the forget gradient over the segments of the partition (:mod:`._partition`), in
-the chosen space (:mod:`._spaces`), summing across processes at one boundary
-(:mod:`._reduce`), with gradient scaling at another (:mod:`._amp`); then the inner
-optimizer steps (:mod:`._inner`) and the statistics are recorded (:mod:`._stats`). The
-sides themselves are in :mod:`._sides`. ``docs/design.md`` draws it.
+It delegates ``param_groups``, ``state`` and ``defaults`` to the inner optimizer, and
+everything GRU does to an :class:`~gru_optim.engine._engine.Engine` (the memory, the rule,
+the partition, the AMP boundary, the statistics) driven over the inner optimizer's
+parameters by :class:`~gru_optim.engine._param_sides.ParamSides`. ``docs/design.md``
+draws it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._amp import AmpBoundary
-from ._checkpoint import load_state, save_state
-from ._groups import (
+from .engine._amp import AmpBoundary
+from .engine._config import kernels_of, resolve_fused, settings, takes_device_found_inf
+from .engine._engine import Closure, Engine
+from .engine._groups import (
     GAMMA_KEY,
     RETAIN_WEIGHT_KEY,
     Hyper,
     check_gamma,
     check_retain_weight,
     fill_groups,
-    real,
 )
-from ._inner import needs_closure
-from ._memory import EMA_KEY, RetainMemory
-from ._partition import PARTITIONS, Granularity
-from ._pending import Pending, RetainPass, signature
-from ._rules import Cone, OneDirection, Rule, make_rule
-from ._sides import Closure, _Sides, check_loss
-from ._spaces import SPACES
+from .engine._inner import needs_closure
+from .engine._memory import EMA_KEY, RetainMemory
+from .engine._param_sides import ParamSides
+from .engine._partition import Granularity
+from .engine._pending import RetainPass
+from .engine._sources import ParamSource
+from .engine._state_dict import load_state, save_state
+from .rules import Rule
 
 __all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
-
-_DEVICE_FOUND_INF = ("Adam", "AdamW", "SGD", "Adagrad")
-
-
-def _takes_device_found_inf(optimizer: Optimizer) -> bool:
-    """torch's fused optimizers skip a step on the device when ``found_inf`` is set on
-    them (as ``GradScaler`` does)."""
-    return (
-        type(optimizer).__name__ in _DEVICE_FOUND_INF
-        and type(optimizer).__module__.startswith("torch.optim")
-        and all(bool(g.get("fused")) for g in optimizer.param_groups)
-    )
-
-
-class GRUOptimizer(_Sides, Optimizer):
-    r"""Gradient Rectified Unlearning around any ``torch.optim`` optimizer.
-
-    Keeps an exponential moving average of the retain gradient,
-    ``m_t = gamma * g_r + (1 - gamma) * m_{t-1}`` (``m_0 = 0``), and before each step of
-    the wrapped optimizer replaces the forget gradient ``g`` by the closest vector that
-    does not conflict with ``m``: if ``<g, m> < 0`` then
-    ``g <- g - <g, m> / ||m||^2 * m``, otherwise ``g`` is left exactly as it is.
-
-    Args:
-        optimizer: the optimizer to wrap (an instance). ``param_groups``, ``state`` and
-            ``defaults`` are the inner optimizer's own objects.
-        gamma: weight of the new retain gradient in the memory, in ``(0, 1]``
-            (``1``: no smoothing). The authors' default is ``0.8``. Stored per parameter
-            group under ``"gru_gamma"``.
-        granularity: ``"global"`` (the paper): one dot product over all trainable
-            parameters; ``"group"``: one per parameter group; ``"tensor"``: one per
-            parameter tensor.
-        retain_weight: after rectification add this multiple of the current retain
-            gradient (the authors' ``+ce`` variant). ``0`` adds nothing. Stored per
-            parameter group under ``"gru_retain_weight"``.
-        space: ``"gradient"`` (the paper) rectifies the gradient before the inner step;
-            ``"update"`` rectifies the inner optimizer's actual parameter change, so that
-            ``<theta_new - theta_old, m> <= 0`` after the step whatever the
-            preconditioning. It keeps one extra parameter-sized buffer (in the
-            parameters' dtype).
-        cos_clip: ``None`` (the paper's projection) or a cosine threshold in ``[-1, 0]``:
-            the authors' partial projection, which removes only the part of a conflict
-            beyond that cosine (they use ``-0.5``). Stored per parameter group under
-            ``"gru_cos_clip"``.
-        directions: ``1`` (the paper) or ``k`` up to 16 (GRU-k): rectify against the
-            memory and the ``k - 1`` most recent raw retain gradients at once, the
-            projection onto the cone they span (:class:`~gru_optim.rules.Cone`). Keeps
-            ``k - 1`` extra parameter-sized buffers in ``ema_dtype``.
-        rule: a :class:`~gru_optim.rules.Rule` instance instead of the three above.
-        max_grad_norm: clip the final gradient (the rectified forget gradient plus what
-            is added after rectification) to this global norm right before the inner
-            step, as the authors' Trainer does; ``None`` does not clip. Clip here, not
-            between ``backward`` and ``step()``.
-        ema_dtype: dtype of the memory. ``None``: float32, or the parameter's dtype when
-            that is float64. ``torch.bfloat16`` halves its memory.
-        skip_nonfinite: skip a step when anything it computes is not finite (see
-            :meth:`step`); the reason is in ``last_stats["skip_reason"]``. On an
-            accelerator this costs one host synchronisation per retain side and one per
-            step; ``False`` makes the step free of host synchronisation and lets
-            non-finite values through as the inner optimizer would.
-        foreach: use the multi-tensor (``torch._foreach_*``) kernels; ``None`` picks them
-            whenever the tensors allow.
-        fused: the fused Triton kernels (one launch per pass over all tensors of a dtype
-            group, sums in float64, skip decisions on the device: no host
-            synchronisation in a step with a fused torch inner optimizer, at most one
-            otherwise). ``None``: on CUDA when Triton is importable and the rule has a
-            fused path (the projection and cos clip in gradient space), and on CPU the
-            same passes as compiled C++ (``gru_optim._native``, built on first use with
-            the system compiler; the foreach path where none is found, and while
-            ``TRITON_INTERPRET=1`` is set); ``True`` on CPU tensors runs the Triton
-            kernels under Triton's interpreter and needs ``TRITON_INTERPRET=1``;
-            ``False``: the foreach path. :attr:`kernels` says which path runs.
-        grad_scaler: the ``torch.amp.GradScaler`` (or FSDP's ``ShardedGradScaler``) whose
-            ``scaler.scale(loss).backward()`` produced the gradients (fp16 training).
-            GRU then unscales the retain gradient before it enters the memory and the
-            forget gradient before the rectification (each exactly once, through
-            ``scaler.unscale_``; a forget gradient the caller already unscaled is not
-            unscaled again), and skips a step on overflow whatever ``skip_nonfinite``
-            says. Call ``opt.step(...)`` or ``scaler.step(opt, ...)``, then
-            ``scaler.update()`` once per iteration as usual: GRU never calls it.
-
-    Use it with closures::
-
-        opt.zero_grad()
-        opt.step(forget_closure, retain_closure)
-
-    or without (training loops that call ``backward`` themselves)::
-
-        with opt.retain_pass():
-            retain_loss.backward()
-        forget_loss.backward()
-        opt.step()
-
-    ``step()`` with no retain closure and no pending retain pass is exactly the inner
-    optimizer's step.
-    """
-
-    # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
-    # unscaling first; GRU unscales itself, after its closures ran (see _amp.py).
-    _step_supports_amp_scaling = True
-
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        gamma: float = 0.8,
-        granularity: Granularity = "global",
-        retain_weight: float = 0.0,
-        space: str = "gradient",
-        cos_clip: float | None = None,
-        directions: int = 1,
-        rule: Rule | None = None,
-        max_grad_norm: float | None = None,
-        ema_dtype: torch.dtype | None = None,
-        skip_nonfinite: bool = True,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        grad_scaler: Any = None,
-    ) -> None:
-        if isinstance(optimizer, GRUOptimizer):
-            raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
-                f"{type(optimizer).__name__}; build the optimizer first, e.g. "
-                "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
-            )
-        gamma = check_gamma(gamma)
-        retain_weight = check_retain_weight(retain_weight)
-        if granularity not in PARTITIONS:
-            raise ValueError(
-                f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, "
-                f"got {granularity!r}"
-            )
-        if space not in SPACES:
-            raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
-        rule = make_rule(directions=directions, cos_clip=cos_clip, rule=rule)
-        self._rule: Rule = rule
-        if max_grad_norm is not None:
-            max_grad_norm = real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
-        for name, flag in (("skip_nonfinite", skip_nonfinite),):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
-        self._inner = optimizer
-        history = rule.directions - 1 if isinstance(rule, Cone) else 0
-        self._memory = RetainMemory(ema_dtype, history=history)
-        self._amp = AmpBoundary(grad_scaler, self)
-        self.granularity: str = granularity
-        self.space: str = space
-        self.max_grad_norm: float | None = max_grad_norm
-        self.skip_nonfinite = skip_nonfinite
-        self.foreach = foreach
-        self._fused = self._resolve_fused(fused, optimizer)
-        self._device_skip = self._fused and _takes_device_found_inf(optimizer)
-        self._hdefaults: dict[str, Any] = {
-            GAMMA_KEY: gamma,
-            RETAIN_WEIGHT_KEY: retain_weight,
-            **self._rule.defaults(),
-        }
-        self._closure_driven = needs_closure(optimizer)
-        self._update_buffers: dict[Any, Tensor] = {}
-        self._pending: Pending | None = None
-        self._warned_dropped = False
-        self._in_forget_closure = False
-        self._in_retain_pass = False
-        self._last_stats: dict[str, Tensor] = {}
-        fill_groups(optimizer.param_groups, self._hdefaults)
-        self._check_combinations(self._read_hyper())
-        # Optimizer.__init__ installs the hook dictionaries and patches step for hooks and
-        # profiling; while it runs, its writes to param_groups/state/defaults are ignored
-        # (they belong to the inner optimizer).
-        self._initializing = True
-        try:
-            super().__init__(optimizer.param_groups, optimizer.defaults)
-        finally:
-            self._initializing = False
-
-    def _resolve_fused(self, fused: bool | None, optimizer: Optimizer) -> bool:
-        """Whether the fused kernels run (raises for ``fused=True`` where they cannot)."""
-        if fused is not None and not isinstance(fused, bool):
-            raise TypeError(f"fused must be None, True or False, got {fused!r}")
-        if fused is False:
-            return False
-        from ._fused import fused_reason, interpreting
-        from ._native import native_reason
-
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        devices = {p.device for p in params}
-        supported = isinstance(self._rule, OneDirection) and self.space == "gradient"
-        several = len(devices) != 1
-        reason = "the parameters are on several devices" if several else None
-        if fused is None:
-            if several or not supported:
-                return False
-            device = next(iter(devices))
-            if device.type == "cpu":
-                # The C++ kernels; Triton's interpreter is a test harness, not a fast path.
-                return not interpreting() and native_reason() is None
-            return device.type == "cuda" and fused_reason(device) is None
-        reason = reason or fused_reason(next(iter(devices)))
-        if not supported:
-            raise ValueError(
-                "fused=True runs the projection and cos clip in gradient space; GRU-k "
-                "(directions > 1), space='update' and custom rules use the foreach path"
-            )
-        if reason is not None:
-            raise ValueError(f"fused=True: {reason}")
-        return True
-
-    def _real(self) -> GRUOptimizer:
-        """This optimizer, also when a method is called through a wrapper that copied its
-        ``__dict__`` (PyTorch Lightning's ``LightningOptimizer`` subclasses it on the fly
-        and keeps the original as ``_optimizer``): state written through the wrapper would
-        stay on the wrapper, so every stateful method works on the original."""
-        inner = self.__dict__.get("_optimizer")
-        return inner if isinstance(inner, GRUOptimizer) and inner is not self else self
-
-    @property
-    def last_stats(self) -> dict[str, Tensor]:
-        """What the last step did, as 0-dim tensors on the device (see the quickstart's
-        table; ``gru_optim._stats`` documents every key)."""
-        stats: dict[str, Tensor] = self._real().__dict__["_last_stats"]
-        return stats
-
-    @last_stats.setter
-    def last_stats(self, value: dict[str, Tensor]) -> None:
-        self._real().__dict__["_last_stats"] = value
-
-    @property
-    def kernels(self) -> str:
-        """Which path the projection's passes run: ``"triton"`` (the fused kernels, on a
-        GPU or under Triton's interpreter), ``"cpu"`` (the same passes as compiled C++)
-        or ``"foreach"`` (torch's multi-tensor operations: GRU-k, update space, custom
-        rules, ``fused=False``, or no compiler)."""
-        real = self._real()
-        if not real._fused:
-            return "foreach"
-        from ._fused import interpreting
-
-        dev = real._stats_device([p for g in real.param_groups for p in g["params"]])
-        return "cpu" if dev.type == "cpu" and not interpreting() else "triton"
-
-    # ------------------------------------------------------------------ delegation
-    @property
-    def optimizer(self) -> Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self._inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        if not self.__dict__.get("_initializing", False):
-            self._inner.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self._inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        if not self.__dict__.get("_initializing", False):
-            self._inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self._inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        if not self.__dict__.get("_initializing", False):
-            self._inner.defaults = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to the inner optimizer (GRU's keys default to the values
-        this optimizer was built with)."""
-        if self.__dict__.get("_initializing", False):
-            return
-        self._inner.add_param_group(param_group)
-        fill_groups(self._inner.param_groups, self._hdefaults)
-        self._check_combinations(self._read_hyper())
-
-    # ------------------------------------------------------------------ hyperparameters
-    def _uniform(self, key: str) -> Any:
-        values = [g.get(key, self._hdefaults[key]) for g in self.param_groups]
-        if any(v != values[0] for v in values):
-            raise ValueError(
-                f"{key} differs between parameter groups; read param_groups[i][{key!r}]"
-            )
-        return values[0]
-
-    @property
-    def gamma(self) -> float:
-        """``gamma`` of every parameter group (set it to change all of them)."""
-        return float(self._uniform(GAMMA_KEY))
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        value = check_gamma(value)
-        for g in self.param_groups:
-            g[GAMMA_KEY] = value
-
-    @property
-    def retain_weight(self) -> float:
-        """``retain_weight`` of every parameter group (set it to change all of them)."""
-        return float(self._uniform(RETAIN_WEIGHT_KEY))
-
-    @retain_weight.setter
-    def retain_weight(self, value: float) -> None:
-        value = check_retain_weight(value)
-        self._check_combinations([Hyper(1.0, value, {})])
-        for g in self.param_groups:
-            g[RETAIN_WEIGHT_KEY] = value
-
-    @property
-    def rule(self) -> Rule:
-        """The rectification rule."""
-        return self._rule
-
-    @property
-    def ema_dtype(self) -> torch.dtype | None:
-        return self._memory.dtype
-
-    @property
-    def grad_scaler(self) -> Any:
-        return self._amp.scaler
-
-    # ------------------------------------------------------------------ zero_grad, pickling
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used
-        (with a warning, once).
-
-        Inside the forget closure of ``step(forget_closure, retain_closure)`` and before
-        its ``backward`` (closures written the torch way, ``zero_grad()`` first), it leaves
-        the gradients alone: they hold only what the retain side left (nothing, or
-        ``retain_weight`` times the retain gradient), which the step still needs.
-        """
-        real = self._real()
-        if real is not self:
-            real.zero_grad(set_to_none)
-            return
-        pending = self._pending
-        if pending is not None:
-            if self._in_forget_closure:
-                if signature(self._trainable()) == pending.signature:
-                    return
-                raise RuntimeError(
-                    "zero_grad() inside the forget closure after its backward would discard "
-                    "the forget gradient (and what the retain side left in .grad): call it "
-                    "first in the closure, before backward, or not at all"
-                )
-            if not self._warned_dropped:
-                self._warned_dropped = True
-                warnings.warn(
-                    "zero_grad() discarded a retain pass that no step() used: the next step "
-                    "is a plain, unrectified step (last_stats['rectified'] is False). Call "
-                    "zero_grad() before the retain pass, not between it and step().",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            self._discard_pending()
-        self._inner.zero_grad(set_to_none=set_to_none)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self.__dict__.get("_pending") is not None:
-            raise RuntimeError(
-                "copying or pickling a GRUOptimizer between retain_pass() and step(): the "
-                "copy's memory would be one fold ahead and its next step a plain one; copy "
-                "after step() (or before the retain pass)"
-            )
-        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
-        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
-        # ``_opt_called``): a copy must step itself, not the original. A pending retain
-        # pass (autograd hooks on the original's parameters) is not copied either.
-        return {
-            k: (None if k == "_pending" else v)
-            for k, v in self.__dict__.items()
-            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["_initializing"] = False
-        super().__setstate__(state)
-
-    def __repr__(self) -> str:
-        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
-        return (
-            f"GRUOptimizer(rule={self._rule.name}, granularity={self.granularity!r}, "
-            f"space={self.space!r}, max_grad_norm={self.max_grad_norm},\n{inner}\n)"
-        )
-
-    # ------------------------------------------------------------------ retain side
-    def retain_pass(
-        self, loss: Tensor | None = None
-    ) -> contextlib.AbstractContextManager[RetainPass]:
-        """Context in which the retain loss is back-propagated (the closure-free path).
-
-        On entry the gradients are cleared (what is there belongs to no pass of this
-        step). On exit the retain gradient (everything accumulated inside, so
-        micro-batches may loop in it) is folded into the memory and the gradients are set
-        to ``None``, ready for the forget loss's ``backward`` and :meth:`step`. The
-        losses given as ``loss`` or to the yielded handle's :meth:`RetainPass.record`
-        (summed) are only recorded for :attr:`last_stats`::
-
-            with opt.retain_pass() as rp:
-                loss = retain_loss_fn()
-                loss.backward()
-                rp.record(loss)
-        """
-        return _EagerContext(lambda: self._retain_pass(loss))
-
-    @contextlib.contextmanager
-    def _retain_pass(self, loss: Tensor | None) -> Iterator[RetainPass]:
-        real = self._real()
-        if real is not self:
-            with real.retain_pass(loss) as handle:
-                yield handle
-            return
-        if self._closure_driven:
-            raise RuntimeError(
-                f"{type(self._inner).__name__} needs closures: use "
-                "opt.step(forget_closure, retain_closure) instead of retain_pass()"
-            )
-        if self._pending is not None or self._in_retain_pass:
-            raise RuntimeError(
-                "retain_pass entered twice before step(): put all retain micro-batches in "
-                "one retain_pass, then back-propagate the forget loss and call step()"
-            )
-        hypers = self._read_hyper()
-        handle = RetainPass(check_loss(loss, "retain_pass loss") if loss is not None else None)
-        self._in_retain_pass = True
-        try:
-            with self._retain_side(
-                hypers,
-                "no gradient was computed inside retain_pass(): "
-                "call backward on the retain loss inside the with-block",
-            ) as record:
-                yield handle
-                record(handle.loss)
-        finally:
-            self._in_retain_pass = False
-
-    def post_pass(self) -> contextlib.AbstractContextManager[None]:
-        """Context for a gradient added after rectification, unprojected (the authors'
-        ``+KL``), in the closure-free path: between :meth:`retain_pass` and the forget
-        loss's ``backward``::
-
-            with opt.retain_pass():
-                retain_nll.backward()
-            with opt.post_pass():
-                (kl_weight * retain_kl).backward()
-            forget_loss.backward()
-            opt.step()
-
-        The memory keeps only the retain pass's gradient. No extra buffer: the post
-        gradient stays in ``.grad`` and the rule rectifies only what the forget backward
-        adds on top (``retain_weight`` is the special case of ``retain_weight`` times the
-        retain gradient). An exception inside discards the retain pass.
-        """
-        return _EagerContext(self._post_pass)
-
-    @contextlib.contextmanager
-    def _post_pass(self) -> Iterator[None]:
-        real = self._real()
-        if real is not self:
-            with real.post_pass():
-                yield
-            return
-        try:
-            with self._post_side() as record:
-                yield
-                record(None)
-        except BaseException:
-            self._discard_pending()
-            raise
-
-    # ------------------------------------------------------------------ step
-    def step(
-        self,
-        closure: Closure | None = None,
-        retain_closure: Closure | None = None,
-        post_closure: Closure | None = None,
-    ) -> Any:
-        """One optimizer step.
-
-        - ``step(forget_closure, retain_closure)``: clears the gradients, runs the retain
-          closure, folds its gradient into the memory, clears the gradients again (with
-          ``retain_weight`` they keep that multiple of the retain gradient), runs
-          ``post_closure`` if given (a gradient added after rectification, unprojected:
-          the authors' ``+KL``), runs the forget closure, rectifies the gradients in
-          place, clips them (``max_grad_norm``) and steps the inner optimizer. Each
-          closure computes its loss, calls ``backward`` and returns the loss. Returns the
-          forget loss.
-        - ``step()`` (or ``step(forget_closure)``) after a :meth:`retain_pass`: rectifies
-          the gradients present now (computed by ``forget_closure`` if given) and steps.
-        - ``step()`` / ``step(closure)`` otherwise: exactly the inner optimizer's step
-          (``last_stats["rectified"]`` is ``False``).
-
-        A step is skipped (with ``skip_nonfinite``, or always under a gradient scaler)
-        when anything it computes is not finite or out of range: the retain or forget
-        gradient, the memory, a dot product, a coefficient. The weights and the inner
-        state are then untouched and ``last_stats["skip_reason"]`` says why
-        (:class:`~gru_optim.SkipReason`). The memory is left untouched when the retain
-        gradient is the cause; otherwise it keeps this step's (finite) retain gradient,
-        measured at the unchanged weights.
-
-        Errors are raised before the weights or the inner state change, and leave the
-        optimizer ready for the same call again. An error found after the retain
-        gradient was folded in (a forget closure that raises or computes no gradient)
-        leaves the memory holding that fold: a retry folds the retain gradient of the
-        same weights once more (one more step of the moving average). Undoing the fold
-        would need a second parameter-sized buffer.
-        """
-        real = self._real()
-        if real is not self:
-            return real.step(closure, retain_closure, post_closure)
-        for name, fn in (
-            ("closure", closure),
-            ("retain_closure", retain_closure),
-            ("post_closure", post_closure),
-        ):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
-        self._amp.reject_scaler_step(self)
-        if retain_closure is None and post_closure is None and self._pending is None:
-            return self._plain_step(closure)
-        if retain_closure is not None and self._pending is not None:
-            raise RuntimeError(
-                "step() got a retain_closure after a retain_pass(); use one or the other"
-            )
-        hypers = self._read_hyper()
-        self._check_combinations(hypers)
-        # Everything that can be refused is refused here, before the retain side folds.
-        if self._closure_driven:
-            if closure is None:
-                raise RuntimeError(
-                    f"{type(self._inner).__name__} needs the forget closure: "
-                    "opt.step(forget_closure, retain_closure)"
-                )
-            if post_closure is not None:
-                raise ValueError(
-                    f"{type(self._inner).__name__} re-evaluates its closure inside step(): "
-                    "GRU supports it without a post_closure"
-                )
-        if post_closure is not None:
-            self._check_post()
-        try:
-            if retain_closure is not None:
-                with (
-                    self._retain_side(
-                        hypers,
-                        "the retain closure computed no gradient: it must "
-                        "call loss.backward() and return the loss",
-                    ) as record,
-                    torch.enable_grad(),
-                ):
-                    record(check_loss(retain_closure(), "retain closure"))
-            if self._closure_driven:
-                assert closure is not None
-                return self._closure_driven_step(closure, hypers)
-            if post_closure is not None:
-                with self._post_side() as record, torch.enable_grad():
-                    record(check_loss(post_closure(), "post_closure"))
-            pending = self._pending
-            assert pending is not None
-            loss = self._run_forget(closure) if closure is not None else None
-            self._forget_side(pending, loss, hypers)
-            return loss
-        finally:
-            self._discard_pending()
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict, each parameter's entry holding its memory
-        under :data:`EMA_KEY`, GRU's hyperparameters in the parameter groups. Loads into
-        a plain inner optimizer after dropping that key.
-
-        Every trainable parameter has an entry, zeros before its first retain gradient
-        (``m_0 = 0``), so that a template taken from a fresh optimizer (as
-        ``torch.distributed.checkpoint`` loads in place) has the keys to load the memory
-        into. :meth:`load_state_dict` reads an all-zero memory as no memory.
-
-        Raises between a retain side and its ``step()``: the memory is then one fold
-        ahead of the weights, and what the step still needs sits in ``.grad``, which no
-        checkpoint holds. Save after ``step()``.
-        """
-        real = self._real()
-        if real is not self:
-            return real.state_dict()
-        if self._pending is not None:
-            raise RuntimeError(
-                "state_dict() between retain_pass() and step(): the memory is one fold ahead "
-                "of the weights and the step's gradients are not in a checkpoint; save after "
-                "step() (or before the retain pass)"
-            )
-        return save_state(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` or from the plain inner optimizer
-        (the memory then starts empty). Everything is validated first: on any error
-        nothing has changed."""
-        real = self._real()
-        if real is not self:
-            real.load_state_dict(state_dict)
-            return
-        if self._pending is not None or self._in_retain_pass:
-            raise RuntimeError(
-                "load_state_dict() between retain_pass() and step(): the retain pass would "
-                "be lost silently; load before the retain pass (or after step())"
-            )
-        load_state(self, state_dict)
-
-    # ------------------------------------------------------------------ introspection
-    def retain_memory(self, p: Tensor) -> Tensor | None:
-        """The retain memory ``m`` of parameter ``p`` (``None`` before its first retain
-        gradient). The tensor is the live buffer: do not modify it."""
-        return self._memory.get(p)
-
-    def retain_history(self, p: Tensor) -> list[Tensor]:
-        """The ``directions - 1`` most recent raw retain gradients of ``p`` (GRU-k), oldest
-        first (zeros before they exist; ``[]`` with ``directions=1``). Views of the live
-        buffers: do not modify them."""
-        return self._memory.history_of(p) if self._memory.history else []
-
 
 # torch.compile: a compiled function that calls step() runs it eagerly (one graph break,
 # hooks included), so that its bookkeeping across the retain and forget sides is never
 # split between graphs. Importing torch._dynamo at import time makes gloo process groups
 # hang at exit now and then (torch 2.13), so the eager wrapper is made only once dynamo
-# is compiling. The function is marked as hooked: Optimizer.__init__ leaves it alone.
-_hooked = Optimizer.profile_hook_step(GRUOptimizer.step)
+# is compiling.
 _eager: dict[str, Callable[..., Any]] = {}
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
 
 
 def _disabled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -690,11 +54,76 @@ def _disabled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return _eager[name]
 
 
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
 def _eagerly(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, run eagerly (a graph break) when dynamo is compiling."""
     if torch.compiler.is_compiling():
         return _disabled("call", _call)(fn, *args)
     return fn(*args)
+
+
+def _hooked_eager_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` as ``Optimizer.__init__`` would wrap it (profiling, the global and the
+    instance's step hooks), run eagerly under ``torch.compile``; marked as hooked, so that
+    ``Optimizer`` leaves it alone and an LR scheduler wraps this one."""
+    hooked = Optimizer.profile_hook_step(fn)
+
+    @functools.wraps(fn)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _disabled("step", hooked)(self, *args, **kwargs)
+        return hooked(self, *args, **kwargs)
+
+    step.hooked = True  # type: ignore[attr-defined]
+    return step
+
+
+def _inner_attr(name: str) -> Any:
+    """A property of the inner optimizer's: ``Optimizer.__init__``'s own writes to it,
+    while the shell is built, are ignored."""
+
+    def get(self: Any) -> Any:
+        return getattr(self._inner, name)
+
+    def set_(self: Any, value: Any) -> None:
+        if not self.__dict__.get("_initializing", False):
+            setattr(self._inner, name, value)
+
+    return property(get, set_, doc=f"The inner optimizer's ``{name}``.")
+
+
+def _engine_attr(name: str, doc: str) -> Any:
+    """A setting the engine reads at each step (settable between steps)."""
+    return property(
+        lambda self: getattr(self._engine, name),
+        lambda self, value: setattr(self._engine, name, value),
+        doc=doc,
+    )
+
+
+def _group_setting(key: str, check: Callable[[Any], float], what: str) -> Any:
+    """A hyperparameter kept in every parameter group: reads the common value (raises if
+    the groups differ), sets all of them (validated first)."""
+
+    def get(self: Any) -> float:
+        values = [g.get(key, self._engine.hdefaults[key]) for g in self.param_groups]
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"{key} differs between parameter groups; read param_groups[i][{key!r}]"
+            )
+        return float(values[0])
+
+    def set_(self: Any, value: float) -> None:
+        value = check(value)
+        if key == RETAIN_WEIGHT_KEY:
+            self._sides.check_combinations([Hyper(1.0, value, {})])
+        for g in self.param_groups:
+            g[key] = value
+
+    return property(get, set_, doc=f"{what} of every parameter group (set: all of them).")
 
 
 class _EagerContext(contextlib.AbstractContextManager):  # type: ignore[type-arg]
@@ -723,12 +152,298 @@ class _EagerContext(contextlib.AbstractContextManager):  # type: ignore[type-arg
         return cm.__exit__(*exc)
 
 
-def _step(self: GRUOptimizer, *args: Any, **kwargs: Any) -> Any:
-    if torch.compiler.is_compiling():
-        return _disabled("step", _hooked)(self, *args, **kwargs)
-    return _hooked(self, *args, **kwargs)
+class GRUOptimizer(Optimizer):
+    r"""Gradient Rectified Unlearning around any ``torch.optim`` optimizer.
 
+    Keeps an exponential moving average of the retain gradient,
+    ``m_t = gamma * g_r + (1 - gamma) * m_{t-1}`` (``m_0 = 0``), and before each step of
+    the wrapped optimizer replaces the forget gradient ``g`` by the closest vector that
+    does not conflict with ``m``: if ``<g, m> < 0`` then
+    ``g <- g - <g, m> / ||m||^2 * m``, otherwise ``g`` is left exactly as it is.
 
-functools.update_wrapper(_step, GRUOptimizer.step)
-_step.hooked = True  # type: ignore[attr-defined]
-GRUOptimizer.step = _step  # type: ignore[method-assign]
+    Args:
+        optimizer: the optimizer to wrap (an instance); ``param_groups``, ``state`` and
+            ``defaults`` are its own objects.
+        gamma: weight of the new retain gradient in the memory, in ``(0, 1]`` (the
+            authors' ``0.8``); per group under ``"gru_gamma"``.
+        granularity: ``"global"`` (the paper: one dot product), ``"group"`` or ``"tensor"``.
+        retain_weight: add this multiple of the retain gradient after rectification (the
+            authors' ``+ce``); per group under ``"gru_retain_weight"``.
+        space: ``"gradient"`` (the paper) or ``"update"`` (rectify the inner optimizer's
+            actual parameter change; one extra parameter-sized buffer).
+        cos_clip: ``None`` or a cosine threshold in ``[-1, 0]``: the authors' partial
+            projection; per group under ``"gru_cos_clip"``.
+        directions: ``k`` from 1 to 16 (GRU-k, :class:`~gru_optim.rules.Cone`).
+        rule: a :class:`~gru_optim.rules.Rule` instance instead of the three above.
+        max_grad_norm: clip the final gradient to this norm right before the inner step.
+        ema_dtype: dtype of the memory (``None``: float32, or float64 for float64 weights).
+        skip_nonfinite: skip a step when anything it computes is not finite; ``False``
+            makes a step free of host synchronisation.
+        foreach, fused: the kernels (``None``: chosen for the tensors; :attr:`kernels`).
+        grad_scaler: the ``torch.amp.GradScaler`` that scaled the losses (fp16): GRU
+            unscales each gradient once and skips a step on overflow.
+
+    ``docs/api/optimizer.md`` says more about each option. Use it with closures,
+    ``opt.step(forget_closure, retain_closure)``, or without::
+
+        with opt.retain_pass():
+            retain_loss.backward()
+        forget_loss.backward()
+        opt.step()
+    """
+
+    # GradScaler.step(opt, ...) hands the step to an optimizer with this flag instead of
+    # unscaling first; GRU unscales itself, after its closures ran (engine/_amp.py).
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        gamma: float = 0.8,
+        granularity: Granularity = "global",
+        retain_weight: float = 0.0,
+        space: str = "gradient",
+        cos_clip: float | None = None,
+        directions: int = 1,
+        rule: Rule | None = None,
+        max_grad_norm: float | None = None,
+        ema_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = True,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        grad_scaler: Any = None,
+    ) -> None:
+        if isinstance(optimizer, GRUOptimizer):
+            raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
+                f"{type(optimizer).__name__}; build the optimizer first, e.g. "
+                "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
+            )
+        s = settings(
+            gamma=gamma,
+            retain_weight=retain_weight,
+            granularity=granularity,
+            space=space,
+            cos_clip=cos_clip,
+            directions=directions,
+            rule=rule,
+            max_grad_norm=max_grad_norm,
+            ema_dtype=ema_dtype,
+        )
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+        memory = RetainMemory(s.ema_dtype, history=s.history)
+        amp = AmpBoundary(grad_scaler, self)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        fused = resolve_fused(fused, params, s.rule, s.space)
+        self._inner = optimizer
+        self._engine = Engine(
+            rule=s.rule,
+            memory=memory,
+            amp=amp,
+            granularity=s.granularity,
+            space=s.space,
+            max_grad_norm=s.max_grad_norm,
+            skip_nonfinite=skip_nonfinite,
+            foreach=foreach,
+            fused=fused,
+            hdefaults={GAMMA_KEY: s.gamma, RETAIN_WEIGHT_KEY: s.retain_weight, **s.rule.defaults()},
+        )
+        source = ParamSource(optimizer, device_skip=fused and takes_device_found_inf(optimizer))
+        self._sides = ParamSides(self._engine, source, closure_driven=needs_closure(optimizer))
+        fill_groups(optimizer.param_groups, self._engine.hdefaults)
+        self._sides.check_combinations(self._sides.read_hyper())
+        # Optimizer.__init__ installs the hook dictionaries; while it runs, its writes to
+        # param_groups/state/defaults are ignored (they belong to the inner optimizer).
+        self._initializing = True
+        try:
+            super().__init__(optimizer.param_groups, optimizer.defaults)
+        finally:
+            self._initializing = False
+
+    def _real(self) -> GRUOptimizer:
+        """This optimizer, also when a method is called through a wrapper that copied its
+        ``__dict__`` (PyTorch Lightning's ``LightningOptimizer`` subclasses it on the fly
+        and keeps the original as ``_optimizer``): the step's hooks and the scaler's
+        bookkeeping are keyed by the original object."""
+        inner = self.__dict__.get("_optimizer")
+        return inner if isinstance(inner, GRUOptimizer) and inner is not self else self
+
+    # ------------------------------------------------------------------ delegation
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
+    param_groups = _inner_attr("param_groups")
+    state = _inner_attr("state")
+    defaults = _inner_attr("defaults")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the inner optimizer (GRU's keys default to the values
+        this optimizer was built with)."""
+        if self.__dict__.get("_initializing", False):
+            return
+        self._inner.add_param_group(param_group)
+        fill_groups(self._inner.param_groups, self._engine.hdefaults)
+        self._sides.check_combinations(self._sides.read_hyper())
+
+    # ------------------------------------------------------------------ settings
+    gamma = _group_setting(GAMMA_KEY, check_gamma, "``gamma``")
+    retain_weight = _group_setting(RETAIN_WEIGHT_KEY, check_retain_weight, "``retain_weight``")
+    max_grad_norm = _engine_attr("max_grad_norm", "Clip to this norm (``None``: no clip).")
+    skip_nonfinite = _engine_attr("skip_nonfinite", "Skip a step when anything is not finite.")
+    foreach = _engine_attr("foreach", "Use the multi-tensor kernels (``None``: when possible).")
+    granularity = property(lambda self: self._engine.granularity, doc="The partition.")
+    space = property(lambda self: self._engine.space, doc="``gradient`` or ``update``.")
+    rule = property(lambda self: self._engine.rule, doc="The rectification rule.")
+    ema_dtype = property(lambda self: self._engine.memory.dtype, doc="The memory's dtype.")
+    grad_scaler = property(lambda self: self._engine.amp.scaler, doc="The gradient scaler.")
+
+    last_stats = _engine_attr("last_stats", "What the last step did, as 0-dim tensors (_stats).")
+
+    @property
+    def kernels(self) -> str:
+        """Which path the projection's passes run: ``"triton"`` (GPU, or Triton's
+        interpreter), ``"cpu"`` (compiled C++) or ``"foreach"``."""
+        source = self._sides.source
+        return kernels_of(self._engine.fused, source.device_of(source.params()))
+
+    # ------------------------------------------------------------------ zero_grad, pickling
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``; also discards a retain pass not yet used
+        (with a warning, once), except inside the forget closure before its backward,
+        where the gradients hold what the retain side left for the step."""
+        if self._sides.before_zero_grad():
+            self._inner.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        engine = self.__dict__.get("_engine")
+        if engine is not None and engine.pending is not None:
+            raise RuntimeError(
+                "copying or pickling a GRUOptimizer between retain_pass() and step(): the "
+                "copy's memory would be one fold ahead and its next step a plain one; copy "
+                "after step() (or before the retain pass)"
+            )
+        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
+        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
+        # ``_opt_called``): a copy must step itself, not the original.
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if not k.startswith("_optimizer_") and k not in ("step", "_opt_called")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_initializing"] = False
+        super().__setstate__(state)
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
+        return (
+            f"GRUOptimizer(rule={self.rule.name}, granularity={self.granularity!r}, "
+            f"space={self.space!r}, max_grad_norm={self.max_grad_norm},\n{inner}\n)"
+        )
+
+    # ------------------------------------------------------------------ the passes, step
+    def retain_pass(
+        self, loss: Tensor | None = None
+    ) -> contextlib.AbstractContextManager[RetainPass]:
+        """Context in which the retain loss is back-propagated (the closure-free path):
+        on entry the gradients are cleared, on exit everything accumulated inside is
+        folded into the memory and the gradients are set to ``None``, ready for the forget
+        backward and :meth:`step`. ``loss``, or the handle's :meth:`RetainPass.record`,
+        only feed :attr:`last_stats`."""
+        return _EagerContext(lambda: self._sides.retain_pass(loss))
+
+    def post_pass(self) -> contextlib.AbstractContextManager[None]:
+        """Context for a gradient added after rectification, unprojected (the authors'
+        ``+KL``), between :meth:`retain_pass` and the forget backward. It stays in
+        ``.grad`` (no buffer); the memory keeps only the retain pass's gradient. An
+        exception inside discards the retain pass."""
+        return _EagerContext(self._sides.post_pass)
+
+    @_hooked_eager_step
+    def step(
+        self,
+        closure: Closure | None = None,
+        retain_closure: Closure | None = None,
+        post_closure: Closure | None = None,
+    ) -> Any:
+        """One optimizer step.
+
+        - ``step(forget_closure, retain_closure, post_closure=None)``: runs the retain
+          closure and folds its gradient into the memory, runs ``post_closure`` (kept
+          unprojected), then the forget closure, rectifies, clips (``max_grad_norm``) and
+          steps the inner optimizer. Each closure calls ``backward`` and returns its loss;
+          returns the forget loss.
+        - ``step()`` (or ``step(forget_closure)``) after a :meth:`retain_pass`: rectifies
+          the gradients present now and steps.
+        - otherwise exactly the inner optimizer's step.
+
+        A step is skipped (``skip_nonfinite``, or under a gradient scaler) when anything it
+        computes is not finite or out of range: weights and inner state are then untouched
+        and ``last_stats["skip_reason"]`` says why. Errors are raised before the weights or
+        the inner state change (a fold already made stays in the memory).
+        """
+        real = self._real()
+        if real is not self:
+            return real.step(closure, retain_closure, post_closure)
+        self._engine.amp.reject_scaler_step(self)
+        return self._sides.run(closure, retain_closure, post_closure)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, each trainable parameter's entry holding its
+        memory under :data:`EMA_KEY` (zeros before the first fold), GRU's hyperparameters
+        in the parameter groups. Raises between a retain side and its ``step()``."""
+        if self._engine.pending is not None:
+            raise RuntimeError(
+                "state_dict() between retain_pass() and step(): the memory is one fold ahead "
+                "of the weights and the step's gradients are not in a checkpoint; save after "
+                "step() (or before the retain pass)"
+            )
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        out = save_state(self._engine, self._sides.source)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` or from the plain inner optimizer
+        (the memory then starts empty). Everything is validated first: on any error
+        nothing has changed."""
+        if self._engine.pending is not None or self._sides.in_retain_pass:
+            raise RuntimeError(
+                "load_state_dict() between retain_pass() and step(): the retain pass would "
+                "be lost silently; load before the retain pass (or after step())"
+            )
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        load_state(self._engine, self._sides.source, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------------ introspection
+    def retain_memory(self, p: Tensor) -> Tensor | None:
+        """The retain memory ``m`` of parameter ``p`` (``None`` before its first retain
+        gradient). The tensor is the live buffer: do not modify it."""
+        return self._engine.memory.get(p)
+
+    def retain_history(self, p: Tensor) -> list[Tensor]:
+        """The ``directions - 1`` most recent raw retain gradients of ``p`` (GRU-k), oldest
+        first (zeros before they exist; ``[]`` with ``directions=1``). Views of the live
+        buffers: do not modify them."""
+        memory = self._engine.memory
+        return memory.history_of(p) if memory.history else []

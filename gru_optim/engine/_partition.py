@@ -71,6 +71,7 @@ class Layout:
         hyper: list[dict[str, float]],
         reducer: Any,
         history: list[list[Tensor] | None] | None = None,
+        numels: Sequence[int] | None = None,
     ) -> None:
         self.members = members
         self.history = history
@@ -78,7 +79,8 @@ class Layout:
         self.segments = segments
         self.hyper = hyper
         self.reducer = reducer
-        self.numels = [p.numel() for p in members]
+        self.numels = list(numels) if numels is not None else [p.numel() for p in members]
+        """Each member's full size (a sharded member's local vector holds part of it)."""
 
     def solve(
         self,

@@ -1,0 +1,16 @@
+"""The rectification engine: one GRU step, composed (see ``docs/design.md``).
+
+:class:`~gru_optim.engine._engine.Engine` owns the retain memory, the rule, the
+partition, the reducer, the AMP boundary and the statistics, and runs the retain side and
+the forget side over a gradient source (:mod:`gru_optim.engine._sources`): the ``.grad``
+of a torch optimizer's parameters, or DeepSpeed's partitioned gradients. Its pieces, one
+module each: ``_memory`` (the memory), ``_partition`` (segments), ``_reduce`` (the one
+packed all-reduce), ``_amp`` (gradient scaling), ``_stats`` (``last_stats``), ``_pending``
+(what a retain side leaves for its step), ``_spaces`` (gradient or update space),
+``_groups`` (hyperparameters in the parameter groups), ``_inner`` (the inner optimizer's
+step) and ``_state_dict`` (checkpoints).
+
+This package's ``__init__`` imports nothing, so that the rules (which use the reducer and
+the number checks) and the engine (which uses the rules) import each other's modules in
+one direction only.
+"""

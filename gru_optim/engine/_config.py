@@ -1,0 +1,145 @@
+"""The keywords every driver shares, validated in one place.
+
+``GRUOptimizer`` and ``GRUDeepSpeed`` take the same GRU keywords (``gamma``,
+``retain_weight``, ``granularity``, ``cos_clip``, ``directions``, ``rule``,
+``max_grad_norm``, ``ema_dtype``); :func:`settings` checks them and returns what the engine
+is built from, raising with a message that names the fix. The CPU/GPU kernel choice for a
+torch optimizer's parameters is made once too, in :func:`resolve_fused`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..rules import Cone, CosClip, OneDirection, Rule, make_rule
+from ._groups import check_gamma, check_retain_weight, real
+from ._partition import PARTITIONS
+from ._spaces import SPACES
+
+__all__ = [
+    "Settings",
+    "check_weighted",
+    "kernels_of",
+    "resolve_fused",
+    "settings",
+    "takes_device_found_inf",
+]
+
+_DEVICE_FOUND_INF = ("Adam", "AdamW", "SGD", "Adagrad")
+
+
+class Settings(NamedTuple):
+    """The validated GRU keywords."""
+
+    gamma: float
+    retain_weight: float
+    granularity: str
+    space: str
+    rule: Rule
+    max_grad_norm: float | None
+    ema_dtype: torch.dtype | None
+    history: int
+    """How many recent raw retain gradients the memory keeps (GRU-k: ``directions - 1``)."""
+
+
+def settings(
+    *,
+    gamma: Any,
+    retain_weight: Any,
+    granularity: Any,
+    space: Any = "gradient",
+    cos_clip: Any,
+    directions: Any,
+    rule: Any,
+    max_grad_norm: Any,
+    ema_dtype: Any,
+    kept_in_grad: bool = False,
+    float16_memory: bool = True,
+) -> Settings:
+    """The GRU keywords, validated in the order given (raises ``ValueError``/``TypeError``
+    naming the fix). ``kept_in_grad``: a retain-weight part will sit in the gradient (no
+    cos clip then); ``float16_memory``: whether the driver allows a float16 memory."""
+    gamma = check_gamma(gamma)
+    retain_weight = check_retain_weight(retain_weight)
+    if granularity not in PARTITIONS:
+        raise ValueError(
+            f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, got {granularity!r}"
+        )
+    if space not in SPACES:
+        raise ValueError(f"space must be 'gradient' or 'update', got {space!r}")
+    rule = make_rule(directions=directions, cos_clip=cos_clip, rule=rule)
+    if max_grad_norm is not None:
+        max_grad_norm = real("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
+    check_weighted(rule, kept_in_grad)
+    if not float16_memory and ema_dtype == torch.float16:
+        raise ValueError("ema_dtype=torch.float16 can overflow (65504); use float32 or bfloat16")
+    history = rule.directions - 1 if isinstance(rule, Cone) else 0
+    return Settings(
+        gamma, retain_weight, granularity, space, rule, max_grad_norm, ema_dtype, history
+    )
+
+
+def check_weighted(rule: Rule, weighted: bool) -> None:
+    """cos clip cannot be combined with a retain-weight term kept in the gradient."""
+    if weighted and isinstance(rule, CosClip):
+        raise ValueError(
+            "cos_clip needs the norm of the forget gradient alone, which GRU cannot "
+            "separate from a retain_weight term kept in .grad: use retain_weight=0 "
+            "with cos_clip"
+        )
+
+
+def takes_device_found_inf(optimizer: Optimizer) -> bool:
+    """torch's fused optimizers skip a step on the device when ``found_inf`` is set on
+    them (as ``GradScaler`` does)."""
+    return (
+        type(optimizer).__name__ in _DEVICE_FOUND_INF
+        and type(optimizer).__module__.startswith("torch.optim")
+        and all(bool(g.get("fused")) for g in optimizer.param_groups)
+    )
+
+
+def resolve_fused(fused: Any, params: list[Tensor], rule: Rule, space: str) -> bool:
+    """Whether the fused kernels run for ``params`` (raises for ``fused=True`` where they
+    cannot)."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if fused is False:
+        return False
+    from .._fused import fused_reason, interpreting
+    from .._native import native_reason
+
+    devices = {p.device for p in params}
+    supported = isinstance(rule, OneDirection) and space == "gradient"
+    several = len(devices) != 1
+    reason = "the parameters are on several devices" if several else None
+    if fused is None:
+        if several or not supported:
+            return False
+        device = next(iter(devices))
+        if device.type == "cpu":
+            # The C++ kernels; Triton's interpreter is a test harness, not a fast path.
+            return not interpreting() and native_reason() is None
+        return device.type == "cuda" and fused_reason(device) is None
+    reason = reason or fused_reason(next(iter(devices)))
+    if not supported:
+        raise ValueError(
+            "fused=True runs the projection and cos clip in gradient space; GRU-k "
+            "(directions > 1), space='update' and custom rules use the foreach path"
+        )
+    if reason is not None:
+        raise ValueError(f"fused=True: {reason}")
+    return True
+
+
+def kernels_of(fused: bool, device: torch.device) -> str:
+    """Which path the projection's passes run (see ``GRUOptimizer.kernels``)."""
+    if not fused:
+        return "foreach"
+    from .._fused import interpreting
+
+    return "cpu" if device.type == "cpu" and not interpreting() else "triton"

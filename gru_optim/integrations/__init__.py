@@ -1,0 +1,1 @@
+"""Integrations with training frameworks: Hugging Face (hf), DeepSpeed, PyTorch Lightning."""
