@@ -41,6 +41,8 @@ class Settings(NamedTuple):
     space: str
     rule: Rule
     max_grad_norm: float | None
+    clip: float | None
+    """The norm GRU itself clips to (``None`` where the driver's step already clips)."""
     ema_dtype: torch.dtype | None
     history: int
     """How many recent raw retain gradients the memory keeps (GRU-k: ``directions - 1``)."""
@@ -59,10 +61,15 @@ def settings(
     ema_dtype: Any,
     kept_in_grad: bool = False,
     float16_memory: bool = True,
+    driver_clip: float = 0.0,
+    skips_after_fold: bool = False,
 ) -> Settings:
     """The GRU keywords, validated in the order given (raises ``ValueError``/``TypeError``
-    naming the fix). ``kept_in_grad``: a retain-weight part will sit in the gradient (no
-    cos clip then); ``float16_memory``: whether the driver allows a float16 memory."""
+    naming the fix). What a driver adds: ``kept_in_grad``, a retain-weight part will sit in
+    the gradient (no cos clip then); ``float16_memory``, whether it allows a float16
+    memory; ``driver_clip``, the norm its own step already clips to (``0``: none; GRU
+    then clips only if it is not already done); ``skips_after_fold``, its step may be
+    skipped after the fold (it can give the memory back, not GRU-k's history)."""
     gamma = check_gamma(gamma)
     retain_weight = check_retain_weight(retain_weight)
     if granularity not in PARTITIONS:

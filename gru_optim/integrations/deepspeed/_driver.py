@@ -34,10 +34,13 @@ Closure = Callable[[], Any]
 
 
 class _Pass:
-    """One retain or forget pass: counts ``engine.backward`` calls (the instance's
-    attribute while the pass is open) and sets the accumulation boundary on the last."""
+    """One retain or forget pass, as a context: counts ``engine.backward`` calls (the
+    instance's attribute while it is open), sets the accumulation boundary on the last,
+    and on a clean exit checks that there were ``micro_batches`` of them."""
 
     def __init__(self, engine: Any, what: str, micro_batches: int | None = None) -> None:
+        if getattr(engine.__dict__.get("backward"), "gru_pass", False):
+            raise RuntimeError("a GRU pass is already running")
         self.engine, self.what, self.count = engine, what, 0
         gas = engine.gradient_accumulation_steps() if micro_batches is None else micro_batches
         self.gas = int(gas)
@@ -55,15 +58,18 @@ class _Pass:
             engine.set_gradient_accumulation_boundary(self.count == self.gas)
             return original(loss, *args, **kwargs)
 
+        backward.gru_pass = True  # type: ignore[attr-defined]
         engine.backward = backward
 
-    def close(self) -> None:
-        """Give ``engine.backward`` back, then check the count."""
+    def __enter__(self) -> _Pass:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if self._saved is None:
             self.engine.__dict__.pop("backward", None)
         else:
             self.engine.backward = self._saved
-        if self.count != self.gas:
+        if exc_type is None and self.count != self.gas:
             raise RuntimeError(
                 f"the {self.what} called engine.backward {self.count} time(s), expected "
                 f"{self.gas}: one call per micro-batch, gradient_accumulation_steps of them "
@@ -120,6 +126,8 @@ class GRUDeepSpeed:
                 "GRUDeepSpeed drives a DeepSpeedEngine (from deepspeed.initialize), got "
                 f"{type(engine).__name__}"
             )
+        self.engine, self._shards = engine, shards_of(engine)
+        self.stage, self._fp16 = self._shards.stage, bool(engine.fp16_enabled())
         s = settings(
             gamma=gamma,
             retain_weight=retain_weight,
@@ -131,29 +139,17 @@ class GRUDeepSpeed:
             ema_dtype=ema_dtype,
             kept_in_grad=retain_weight != 0.0,
             float16_memory=False,
+            driver_clip=float(engine.gradient_clipping() or 0.0),
+            skips_after_fold=self._fp16,
         )
-        self.engine, self._shards = engine, shards_of(engine)
-        self.stage, self._fp16 = self._shards.stage, bool(engine.fp16_enabled())
-        if s.history and self._fp16:
-            raise NotImplementedError(
-                "GRU-k (directions > 1) with fp16 loss scaling is not supported: a skipped "
-                "step could not give the recent retain gradients back"
-            )
-        ds_clip = float(engine.gradient_clipping() or 0.0)
-        if s.max_grad_norm is not None and ds_clip > 0.0 and ds_clip != s.max_grad_norm:
-            raise ValueError(
-                f"max_grad_norm={s.max_grad_norm} but the DeepSpeed config clips at "
-                f"gradient_clipping={ds_clip}; both clip the rectified gradient before "
-                "the step: set one of them (gradient_clipping=0 lets GRU clip)"
-            )
         self.gamma, self.retain_weight, self.granularity = s.gamma, s.retain_weight, granularity
         self.max_grad_norm = s.max_grad_norm
-        self._engine = Engine(  # GRU clips only where DeepSpeed does not already
+        self._engine = Engine(
             rule=s.rule,
             memory=RetainMemory(s.ema_dtype, history=s.history),
             amp=AmpBoundary(None, self),
             granularity=s.granularity,
-            max_grad_norm=s.max_grad_norm if ds_clip == 0.0 else None,
+            max_grad_norm=s.clip,
         )
         shards = self._shards
         self._keys = self._engine.memory.flat_keys(
@@ -164,7 +160,6 @@ class GRUDeepSpeed:
         self._gamma = {id(k): s.gamma for k in self._keys}
         self._index = {id(p): i for i, p in enumerate(shards.members)}
         self._forget: _Pass | None = None
-        self._in_pass = False
 
     # ------------------------------------------------------------------ introspection
     rule = property(lambda self: self._engine.rule, doc="The rectification rule.")
@@ -192,27 +187,13 @@ class GRUDeepSpeed:
 
     # ------------------------------------------------------------------ passes, step
     @contextmanager
-    def _counted(self, what: str, micro_batches: int | None) -> Iterator[None]:
-        if self._in_pass:
-            raise RuntimeError("a GRU pass is already running")
-        self._in_pass, counter = True, _Pass(self.engine, what, micro_batches)
-        try:
-            yield
-        except BaseException:
-            counter.count = counter.gas  # the error raised inside is the one to see
-            raise
-        finally:
-            self._in_pass = False
-            counter.close()
-
-    @contextmanager
     def retain_pass(self, micro_batches: int | None = None) -> Iterator[None]:
         """Back-propagate the retain loss inside (``engine.backward`` once per micro-batch;
         ``micro_batches``: how many, default ``gradient_accumulation_steps``); on exit it
         is folded into the memory, for the forget passes and :meth:`step`."""
         self._engine.check_no_pending()
         self._shards.discard()
-        with self._counted("retain pass", micro_batches):
+        with _Pass(self.engine, "retain pass", micro_batches):
             yield
         self._retain_side(None)
         self._forget = _Pass(self.engine, "forget pass", micro_batches)
@@ -232,12 +213,12 @@ class GRUDeepSpeed:
             raise RuntimeError("step() got a retain_closure after a retain_pass(); use one")
         if retain_closure is not None:
             self._shards.discard()
-            with self._counted("retain closure", micro_batches):
+            with _Pass(self.engine, "retain closure", micro_batches):
                 retain_loss = check_loss(retain_closure(), "retain closure")
             self._retain_side(retain_loss)
         elif eng.pending is None:
             if forget_closure is not None:
-                with self._counted("forget closure", micro_batches):
+                with _Pass(self.engine, "forget closure", micro_batches):
                     loss = check_loss(forget_closure(), "forget closure")
             code = 0 if self._shards.step_engine() else int(SkipReason.SCALER_OVERFLOW)
             reason = torch.full((), code, device=self.engine.device)
@@ -247,18 +228,9 @@ class GRUDeepSpeed:
         try:
             if counter is None and forget_closure is None:
                 raise RuntimeError("no forget pass: give step() the forget closure")
-            if counter is None:
-                with self._counted("forget closure", micro_batches):
-                    loss = check_loss(forget_closure(), "forget closure")  # type: ignore[misc]
-            else:
-                try:
-                    if forget_closure is not None:
-                        loss = check_loss(forget_closure(), "forget closure")
-                except BaseException:
-                    counter.count = counter.gas
-                    raise
-                finally:
-                    counter.close()
+            with counter or _Pass(self.engine, "forget closure", micro_batches):
+                if forget_closure is not None:
+                    loss = check_loss(forget_closure(), "forget closure")
             self._forget_side(loss)
         finally:
             eng.pending = None
