@@ -85,8 +85,20 @@ def settings(
     if not float16_memory and ema_dtype == torch.float16:
         raise ValueError("ema_dtype=torch.float16 can overflow (65504); use float32 or bfloat16")
     history = rule.directions - 1 if isinstance(rule, Cone) else 0
+    if history and skips_after_fold:
+        raise NotImplementedError(
+            "GRU-k (directions > 1) with fp16 loss scaling is not supported: a skipped "
+            "step could not give the recent retain gradients back"
+        )
+    if max_grad_norm is not None and driver_clip > 0.0 and driver_clip != max_grad_norm:
+        raise ValueError(
+            f"max_grad_norm={max_grad_norm} but the DeepSpeed config clips at "
+            f"gradient_clipping={driver_clip}; both clip the rectified gradient before "
+            "the step: set one of them (gradient_clipping=0 lets GRU clip)"
+        )
+    clip = max_grad_norm if driver_clip == 0.0 else None
     return Settings(
-        gamma, retain_weight, granularity, space, rule, max_grad_norm, ema_dtype, history
+        gamma, retain_weight, granularity, space, rule, max_grad_norm, clip, ema_dtype, history
     )
 
 
