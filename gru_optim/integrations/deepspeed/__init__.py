@@ -1,18 +1,11 @@
-"""DeepSpeed integration (needs the ``deepspeed`` extra: ``pip install "gru-optim[deepspeed]"``,
-which pins the tested DeepSpeed, 0.19.8).
-
-:class:`GRUDeepSpeed` drives an engine made by ``deepspeed.initialize(model=...,
-optimizer=<a torch optimizer>, config=...)`` at ZeRO stage 0, 1, 2 or 3 with the same
-:class:`~gru_optim.engine._engine.Engine` as :class:`~gru_optim.GRUOptimizer`. This
-package is the only one that knows DeepSpeed: where each stage keeps this rank's reduced
-gradient (:mod:`._stages`), the accumulation boundary and the passes (:mod:`._driver`),
-and the checkpoint files (:mod:`._checkpoint`). Besides those, it relies on
-``engine.set_gradient_accumulation_boundary``, ``engine.was_step_applied``,
-``engine.optimizer.loss_scale`` (fp16) and ``engine.optimizer.dp_process_group``.
+"""DeepSpeed integration (the ``deepspeed`` extra, ``pip install "gru-optim[deepspeed]"``,
+pins the tested DeepSpeed, 0.19.8): :class:`GRUDeepSpeed` drives a ``DeepSpeedEngine`` at
+ZeRO stage 0 to 3 with the same engine as :class:`~gru_optim.GRUOptimizer`. The only
+package that knows DeepSpeed: the stages' gradients (:mod:`._stages`), the passes, the
+accumulation boundary and the checkpoint files (:mod:`._driver`).
 """
 
-from ._checkpoint import MEMORY_FILE
-from ._driver import GRUDeepSpeed
+from ._driver import MEMORY_FILE, GRUDeepSpeed
 
 __all__ = ["GRUDeepSpeed", "MEMORY_FILE", "TESTED_DEEPSPEED"]
 

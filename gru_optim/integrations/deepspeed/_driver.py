@@ -10,6 +10,7 @@ rule, the skip decisions, the clip and the statistics.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,12 +26,14 @@ from ...engine._fragments import load_fragments, save_fragments
 from ...engine._memory import RetainMemory
 from ...engine._stats import SkipReason, plain_stats
 from ...rules import Rule
-from ._checkpoint import MEMORY_FILE, find_files
 from ._stages import shards_of
 
-__all__ = ["GRUDeepSpeed"]
+__all__ = ["MEMORY_FILE", "GRUDeepSpeed"]
 
 Closure = Callable[[], Any]
+
+MEMORY_FILE = "gru_memory_rank{rank:05d}.pt"
+"""Name of each rank's memory file inside a checkpoint's tag directory."""
 
 
 class _Pass:
@@ -320,7 +323,14 @@ class GRUDeepSpeed:
         out = self.engine.load_checkpoint(load_dir, tag=tag, **kwargs)
         load_path = out[0] if isinstance(out, tuple) else out
         if load_path is not None:
-            self._load_memory(find_files(os.path.dirname(str(load_path))))
+            tag_dir = os.path.dirname(str(load_path))
+            files = sorted(glob.glob(os.path.join(tag_dir, MEMORY_FILE.replace("{rank:05d}", "*"))))
+            if not files:
+                raise FileNotFoundError(
+                    f"no GRU memory in {tag_dir} (the checkpoint was not saved with "
+                    "GRUDeepSpeed.save_checkpoint)"
+                )
+            self._load_memory(files)
         return out
 
     def _load_memory(self, files: list[str]) -> None:
