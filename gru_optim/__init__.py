@@ -15,6 +15,7 @@ from ._version import __version__
 from .engine._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
 from .engine._memory import EMA_KEY
 from .engine._pending import RetainPass
+from .engine._policy import PlainStepWarning
 from .engine._stats import SkipReason
 from .rules import COS_CLIP_KEY
 
@@ -23,6 +24,7 @@ __all__ = [
     "EMA_KEY",
     "GAMMA_KEY",
     "GRUOptimizer",
+    "PlainStepWarning",
     "RETAIN_WEIGHT_KEY",
     "RetainPass",
     "SkipReason",

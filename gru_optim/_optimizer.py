@@ -18,27 +18,30 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .engine._amp import AmpBoundary
-from .engine._config import kernels_of, resolve_fused, settings, takes_device_found_inf
-from .engine._engine import Closure, Engine
+from .engine._build import param_engine
+from .engine._config import kernels_of
+from .engine._engine import Closure
 from .engine._groups import (
     GAMMA_KEY,
     RETAIN_WEIGHT_KEY,
     Hyper,
     check_gamma,
     check_retain_weight,
-    fill_groups,
 )
-from .engine._inner import needs_closure
-from .engine._memory import EMA_KEY, RetainMemory
-from .engine._param_sides import ParamSides
+from .engine._memory import EMA_KEY
 from .engine._partition import Granularity
 from .engine._pending import RetainPass
-from .engine._sources import ParamSource
+from .engine._policy import (
+    PlainSteps,
+    PlainStepWarning,
+    check_plain_steps,
+    refuse_second_wrapper,
+    register_wrapper,
+)
 from .engine._state_dict import load_state, save_state
 from .rules import Rule
 
-__all__ = ["EMA_KEY", "GRUOptimizer", "RetainPass"]
+__all__ = ["EMA_KEY", "GRUOptimizer", "PlainStepWarning", "RetainPass"]
 
 # torch.compile: a compiled function that calls step() runs it eagerly (one graph break,
 # hooks included), so that its bookkeeping across the retain and forget sides is never
@@ -182,6 +185,13 @@ class GRUOptimizer(Optimizer):
         foreach, fused: the kernels (``None``: chosen for the tensors; :attr:`kernels`).
         grad_scaler: the ``torch.amp.GradScaler`` that scaled the losses (fp16): GRU
             unscales each gradient once and skips a step on overflow.
+        plain_steps: a step given no retain gradient is the inner optimizer's plain step:
+            ``"warn"`` once (:class:`~gru_optim.PlainStepWarning`), ``"error"`` or ``"allow"``.
+
+    ``gamma``/``retain_weight`` not given (``None``) are read from the groups (an
+    optimizer that loaded a GRU checkpoint), else 0.8 and 0; given, they are written into
+    every group. Everything is validated before anything is written. One inner optimizer
+    has at most one live wrapper.
 
     ``docs/api/optimizer.md`` says more about each option. Use it with closures,
     ``opt.step(forget_closure, retain_closure)``, or without::
@@ -200,9 +210,9 @@ class GRUOptimizer(Optimizer):
         self,
         optimizer: Optimizer,
         *,
-        gamma: float = 0.8,
+        gamma: float | None = None,
         granularity: Granularity = "global",
-        retain_weight: float = 0.0,
+        retain_weight: float | None = None,
         space: str = "gradient",
         cos_clip: float | None = None,
         directions: int = 1,
@@ -213,6 +223,7 @@ class GRUOptimizer(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         grad_scaler: Any = None,
+        plain_steps: PlainSteps = "warn",
     ) -> None:
         if isinstance(optimizer, GRUOptimizer):
             raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
@@ -222,42 +233,26 @@ class GRUOptimizer(Optimizer):
                 f"{type(optimizer).__name__}; build the optimizer first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
             )
-        s = settings(
+        refuse_second_wrapper(optimizer)
+        self._inner = optimizer
+        self._engine, self._sides = param_engine(
+            optimizer,
+            self,
             gamma=gamma,
-            retain_weight=retain_weight,
             granularity=granularity,
+            retain_weight=retain_weight,
             space=space,
             cos_clip=cos_clip,
             directions=directions,
             rule=rule,
             max_grad_norm=max_grad_norm,
             ema_dtype=ema_dtype,
-        )
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
-        memory = RetainMemory(s.ema_dtype, history=s.history)
-        amp = AmpBoundary(grad_scaler, self)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        fused = resolve_fused(fused, params, s.rule, s.space)
-        self._inner = optimizer
-        self._engine = Engine(
-            rule=s.rule,
-            memory=memory,
-            amp=amp,
-            granularity=s.granularity,
-            space=s.space,
-            max_grad_norm=s.max_grad_norm,
             skip_nonfinite=skip_nonfinite,
             foreach=foreach,
             fused=fused,
-            hdefaults={GAMMA_KEY: s.gamma, RETAIN_WEIGHT_KEY: s.retain_weight, **s.rule.defaults()},
+            grad_scaler=grad_scaler,
+            plain_steps=plain_steps,
         )
-        source = ParamSource(optimizer, device_skip=fused and takes_device_found_inf(optimizer))
-        self._sides = ParamSides(self._engine, source, closure_driven=needs_closure(optimizer))
-        fill_groups(optimizer.param_groups, self._engine.hdefaults)
-        self._sides.check_combinations(self._sides.read_hyper())
         # Optimizer.__init__ installs the hook dictionaries; while it runs, its writes to
         # param_groups/state/defaults are ignored (they belong to the inner optimizer).
         self._initializing = True
@@ -265,6 +260,7 @@ class GRUOptimizer(Optimizer):
             super().__init__(optimizer.param_groups, optimizer.defaults)
         finally:
             self._initializing = False
+        register_wrapper(optimizer, self)
 
     def _real(self) -> GRUOptimizer:
         """This optimizer, also when a method is called through a wrapper that copied its
@@ -286,12 +282,10 @@ class GRUOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the inner optimizer (GRU's keys default to the values
-        this optimizer was built with)."""
-        if self.__dict__.get("_initializing", False):
-            return
-        self._inner.add_param_group(param_group)
-        fill_groups(self._inner.param_groups, self._engine.hdefaults)
-        self._sides.check_combinations(self._sides.read_hyper())
+        this optimizer was built with), validated first; refused between a retain side
+        and its ``step()``."""
+        if not self.__dict__.get("_initializing", False):
+            self._sides.add_group(param_group)
 
     # ------------------------------------------------------------------ settings
     gamma = _group_setting(GAMMA_KEY, check_gamma, "``gamma``")
@@ -299,6 +293,17 @@ class GRUOptimizer(Optimizer):
     max_grad_norm = _engine_attr("max_grad_norm", "Clip to this norm (``None``: no clip).")
     skip_nonfinite = _engine_attr("skip_nonfinite", "Skip a step when anything is not finite.")
     foreach = _engine_attr("foreach", "Use the multi-tensor kernels (``None``: when possible).")
+
+    @property
+    def plain_steps(self) -> PlainSteps:
+        """What a step given no retain gradient does: ``"warn"``, ``"error"`` or
+        ``"allow"`` (see the constructor); settable."""
+        return self._sides.plain_steps
+
+    @plain_steps.setter
+    def plain_steps(self, value: PlainSteps) -> None:
+        self._sides.plain_steps = check_plain_steps(value)
+
     granularity = property(lambda self: self._engine.granularity, doc="The partition.")
     space = property(lambda self: self._engine.space, doc="``gradient`` or ``update``.")
     rule = property(lambda self: self._engine.rule, doc="The rectification rule.")
@@ -343,6 +348,8 @@ class GRUOptimizer(Optimizer):
         state = dict(state)
         state["_initializing"] = False
         super().__setstate__(state)
+        # A deep copy or an unpickled optimizer wraps its own copy of the inner one.
+        register_wrapper(state.get("_inner"), self, if_free=True)
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self._inner).splitlines())

@@ -237,7 +237,9 @@ def test_plain_step_with_scaler_is_a_scaled_inner_step() -> None:
     # No retain pass: GRU steps like scaler.step(inner) would, unscaling once.
     model, ref = make_model(), make_model()
     scaler = make_scaler()
-    opt = GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), grad_scaler=scaler)
+    opt = GRUOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), grad_scaler=scaler, plain_steps="allow"
+    )
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     for xf, yf, _, _ in make_batches(3):
         opt.zero_grad()

@@ -226,7 +226,8 @@ def test_fsdp2_sharded_grad_scaler(fsdp) -> None:
 def test_no_warning_from_gru_in_the_workers(spawned) -> None:
     for r in spawned:
         assert isinstance(r["warnings"], list)
-        assert not [w for w in r["warnings"] if "gru_optim" in w]
+        # A PlainStepWarning names the worker's own line, not gru_optim's.
+        assert not [w for w in r["warnings"] if "gru_optim" in w or "PlainStepWarning" in w]
 
 
 def test_launch_script_runs_two_cpu_processes() -> None:

@@ -286,7 +286,7 @@ def test_global_step_hooks_fire_once_per_step_and_inner_hooks_still_work() -> No
         inner = make_inner("adam", model)
         inner.register_step_pre_hook(lambda o, a, k: calls.append("inner-pre"))
         inner.register_step_post_hook(lambda o, a, k: calls.append("inner-post"))
-        opt = GRUOptimizer(inner)
+        opt = GRUOptimizer(inner, plain_steps="allow")
         opt.step(*closures(model, 0))
         assert calls == ["pre:GRUOptimizer", "inner-pre", "inner-post", "post:GRUOptimizer"]
         calls.clear()
@@ -516,7 +516,7 @@ def test_lbfgs_rectifies_every_evaluation_against_one_fold() -> None:
 
 def test_lbfgs_refuses_what_it_cannot_do_before_anything_changes() -> None:
     model = make_net()
-    opt = GRUOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5))
+    opt = GRUOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5), plain_steps="allow")
     before = snapshot(model, opt)
     with pytest.raises(RuntimeError, match="needs closures"):
         with opt.retain_pass():
@@ -590,7 +590,7 @@ def test_lbfgs_state_dict_round_trips_with_a_one_dimensional_first_parameter() -
     torch.manual_seed(0)
     bias = nn.Parameter(torch.randn(3))
     weight = nn.Parameter(torch.randn(3, 4))
-    opt = GRUOptimizer(torch.optim.LBFGS([bias, weight], lr=0.1))
+    opt = GRUOptimizer(torch.optim.LBFGS([bias, weight], lr=0.1), plain_steps="allow")
     x = torch.randn(5, 4)
 
     def closure() -> Tensor:
@@ -689,10 +689,11 @@ def test_optim_db_pass_through_is_bitwise_and_state_dicts_round_trip(cls, kwargs
 
         return closure
 
-    # Plain steps through the wrapper are bitwise the inner optimizer's.
+    # Plain steps through the wrapper are bitwise the inner optimizer's (deliberate ones:
+    # plain_steps="allow" says so, and they do not warn).
     pa, pb = _db_params(two_d), _db_params(two_d)
     plain = cls(pa, **kwargs)
-    wrapped = GRUOptimizer(cls(pb, **kwargs))
+    wrapped = GRUOptimizer(cls(pb, **kwargs), plain_steps="allow")
     for _ in range(2):
         plain.step(closure_for(plain, pa))
         wrapped.step(closure_for(wrapped, pb))
@@ -903,7 +904,7 @@ def test_a_plain_pass_through_closure_may_return_anything() -> None:
     # raised from its statistics. Now it steps exactly as SGD and records NaN.
     model = make_net()
     ref = copy.deepcopy(model)
-    opt = GRUOptimizer(make_inner("sgd_momentum", model))
+    opt = GRUOptimizer(make_inner("sgd_momentum", model), plain_steps="allow")
     bare = make_inner("sgd_momentum", ref)
     for net, o in ((model, opt), (ref, bare)):
         xf, yf = batch(0, "forget")

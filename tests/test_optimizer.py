@@ -22,7 +22,7 @@ from conftest import (
 )
 from torch import Tensor, nn
 
-from gru_optim import GRUOptimizer
+from gru_optim import GRUOptimizer, PlainStepWarning
 
 STEPS = 4
 
@@ -272,7 +272,7 @@ def test_closures_that_zero_grad_first(retain_weight: float) -> None:
 @pytest.mark.parametrize("name", ["adam", "sgd_momentum", "adafactor"])
 def test_plain_step_is_the_inner_step(name: str) -> None:
     a, b = make_net(), make_net()
-    opt = GRUOptimizer(make_inner(name, a))
+    opt = GRUOptimizer(make_inner(name, a), plain_steps="allow")
     inner = make_inner(name, b)
     for t in range(3):
         xf, yf = batch(t, "forget")
@@ -316,7 +316,8 @@ def test_mixing_gru_and_plain_steps() -> None:
         xf, yf = batch(9, "forget")
         m.zero_grad()
         m.forget_loss(xf, yf).backward()
-    opt.step()
+    with pytest.warns(PlainStepWarning, match="rectified nothing"):
+        opt.step()
     ref.inner.step()
     assert_params_close(model, ref_model, rtol=1e-9, atol=1e-11)
 

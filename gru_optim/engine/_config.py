@@ -35,8 +35,9 @@ _DEVICE_FOUND_INF = ("Adam", "AdamW", "SGD", "Adagrad")
 class Settings(NamedTuple):
     """The validated GRU keywords."""
 
-    gamma: float
-    retain_weight: float
+    gamma: float | None
+    """``None``: not given (``GRUOptimizer`` then reads the groups' own values)."""
+    retain_weight: float | None
     granularity: str
     space: str
     rule: Rule
@@ -70,8 +71,8 @@ def settings(
     memory; ``driver_clip``, the norm its own step already clips to (``0``: none; GRU
     then clips only if it is not already done); ``skips_after_fold``, its step may be
     skipped after the fold (it can give the memory back, not GRU-k's history)."""
-    gamma = check_gamma(gamma)
-    retain_weight = check_retain_weight(retain_weight)
+    gamma = None if gamma is None else check_gamma(gamma)
+    retain_weight = None if retain_weight is None else check_retain_weight(retain_weight)
     if granularity not in PARTITIONS:
         raise ValueError(
             f"granularity must be one of {', '.join(map(repr, PARTITIONS))}, got {granularity!r}"

@@ -203,7 +203,7 @@ class Engine:
                 total = norms.sum()
         assert total is not None  # not checking: the gate is always open
         return Pending(
-            loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else None,
+            loss=loss.detach().reshape(()) if isinstance(loss, Tensor) else loss,
             grad_norm=total.sqrt(),
             reason=reason,
         )

@@ -29,9 +29,16 @@ from torch import Tensor
 from ..rules import CosClip
 from ._config import check_weighted
 from ._engine import Closure, Engine, check_loss
-from ._groups import Hyper, read_groups
+from ._groups import (
+    Hyper,
+    check_values,
+    fill_groups,
+    group_values,
+    read_groups,
+)
 from ._partition import Layout, group_of_segments
 from ._pending import GradWatch, Pending, RetainPass, signature
+from ._policy import PlainSteps, PlainStepWarning, caller_level, check_plain_steps, frozen_lr
 from ._reduce import Reducer, local
 from ._sources import ParamSource
 from ._spaces import SPACES, closure_driven_step
@@ -46,23 +53,92 @@ class ParamSides:
     ``closure_driven``: the inner optimizer re-evaluates its closure inside ``step``
     (``LBFGS``)."""
 
-    def __init__(self, engine: Engine, source: ParamSource, *, closure_driven: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        source: ParamSource,
+        *,
+        closure_driven: bool,
+        plain_steps: PlainSteps = "warn",
+    ) -> None:
         self.engine = engine
         self.source = source
         self.closure_driven = closure_driven
+        self.plain_steps: PlainSteps = check_plain_steps(plain_steps)
         self.in_forget_closure = False
         self.in_retain_pass = False
         self.warned_dropped = False
+        self.warned_plain = False
 
     @property
     def inner_name(self) -> str:
         return type(self.source.inner).__name__
 
     # ------------------------------------------------------------------ hyperparameters
-    def read_hyper(self) -> list[Hyper]:
+    def rule_checks(self) -> dict[str, Any]:
+        """The validation of each of the rule's hyperparameters."""
         rule = self.engine.rule
-        checks = {k: (lambda v, where, k=k: rule.check(k, v, where)) for k in rule.hyperparameters}
-        return read_groups(self.source.groups, self.engine.hdefaults, checks)
+        return {k: (lambda v, where, k=k: rule.check(k, v, where)) for k in rule.hyperparameters}
+
+    def read_hyper(self) -> list[Hyper]:
+        return read_groups(self.source.groups, self.engine.hdefaults, self.rule_checks())
+
+    def install(self, planned: list[dict[str, Any]]) -> None:
+        """Validate GRU's values ``planned`` for each group (and their combination), then
+        write them: a refused call writes nothing."""
+        wheres = [f" (param_groups[{i}])" for i in range(len(planned))]
+        self.check_combinations(check_values(planned, self.rule_checks(), wheres))
+        for group, values in zip(self.source.groups, planned):
+            group.update(values)
+
+    def add_group(self, param_group: dict[str, Any]) -> None:
+        """``add_param_group`` through GRU: validated first (GRU's values in the group, and
+        their combination with the other groups'), refused between a retain side and its
+        step."""
+        if self.engine.pending is not None or self.in_retain_pass or self.in_forget_closure:
+            raise RuntimeError(
+                "add_param_group() between retain_pass() (or a retain closure) and step(): "
+                "the memory is one fold ahead and the step would take the new parameters' "
+                "retain gradient (or none) for a forget gradient; add the group after "
+                "step() (or before the retain pass)"
+            )
+        groups, hdefaults = self.source.groups, self.engine.hdefaults
+        hypers = check_values(
+            group_values(groups, hdefaults),
+            self.rule_checks(),
+            [f" (param_groups[{i}])" for i in range(len(groups))],
+        )
+        if isinstance(param_group, dict):
+            (values,) = group_values([param_group], hdefaults)
+            hypers += check_values([values], self.rule_checks(), [" (the new parameter group)"])
+            self.check_combinations(hypers)
+        self.source.inner.add_param_group(param_group)
+        fill_groups(groups[-1:], hdefaults)
+
+    def check_plain_step(self) -> None:
+        """A step with no retain gradient is the inner optimizer's plain step: warn once
+        (``plain_steps="warn"``), raise (``"error"``) or say nothing (``"allow"``). A step
+        with every learning rate 0 moves nothing and is not reported."""
+        if self.plain_steps == "allow" or (self.plain_steps == "warn" and self.warned_plain):
+            return
+        if frozen_lr(self.source.groups):
+            return
+        message = (
+            "GRUOptimizer.step() got no retain gradient (no retain_closure, and no "
+            "retain_pass() before it), so it rectified nothing: it was the inner "
+            f"{self.inner_name}'s plain step. Give the retain loss with "
+            "opt.step(forget_closure, retain_closure), or back-propagate it inside "
+            "`with opt.retain_pass():` before the forget loss's backward and step(). For "
+            "deliberate plain steps build GRUOptimizer(..., plain_steps='allow')"
+        )
+        if self.plain_steps == "error":
+            raise RuntimeError(message + " (this optimizer has plain_steps='error')")
+        self.warned_plain = True
+        warnings.warn(
+            message + " (warned once per optimizer; plain_steps='error' raises instead)",
+            PlainStepWarning,
+            stacklevel=caller_level(),
+        )
 
     def check_combinations(self, hypers: list[Hyper]) -> None:
         eng = self.engine
@@ -104,6 +180,7 @@ class ParamSides:
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable (a closure), got {type(fn).__name__}")
         if retain_closure is None and post_closure is None and eng.pending is None:
+            self.check_plain_step()
             return self.plain_step(closure)
         if retain_closure is not None and eng.pending is not None:
             raise RuntimeError(
@@ -204,11 +281,13 @@ class ParamSides:
             )
         if not self.warned_dropped:
             self.warned_dropped = True
+            # It announces the plain step that follows: that step does not warn again.
+            self.warned_plain = True
             warnings.warn(
                 "zero_grad() discarded a retain pass that no step() used: the next step "
                 "is a plain, unrectified step (last_stats['rectified'] is False). Call "
                 "zero_grad() before the retain pass, not between it and step().",
-                UserWarning,
+                PlainStepWarning,
                 stacklevel=3,
             )
         self.engine.discard_pending()

@@ -16,6 +16,7 @@ end-of-backward writes) and compares at ``step()``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,17 +41,30 @@ def signature(params: list[Tensor]) -> list[tuple[int, int]]:
     return out
 
 
+def _detached(loss: Any) -> Tensor | float:
+    """A recorded loss: a scalar tensor (detached) or a real number (a float)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"a retain loss to record must be a scalar, got shape {tuple(loss.shape)}"
+            )
+        return loss.detach()
+    if not isinstance(loss, bool) and isinstance(loss, numbers.Real):
+        return float(loss)
+    raise TypeError(f"a retain loss to record must be a number, got {type(loss).__name__}")
+
+
 class RetainPass:
     """Handle yielded by :meth:`GRUOptimizer.retain_pass`."""
 
-    def __init__(self, loss: Tensor | None = None) -> None:
-        self.loss: Tensor | None = None if loss is None else loss.detach()
+    def __init__(self, loss: Tensor | float | None = None) -> None:
+        self.loss: Tensor | float | None = None if loss is None else _detached(loss)
 
-    def record(self, loss: Tensor) -> None:
-        """Add ``loss`` (detached) to the retain loss reported in ``last_stats``; call it
-        once per micro-batch to report their sum."""
-        loss = loss.detach()
-        self.loss = loss if self.loss is None else self.loss + loss
+    def record(self, loss: Tensor | float) -> None:
+        """Add ``loss`` (a scalar tensor, detached, or a number) to the retain loss
+        reported in ``last_stats``; call it once per micro-batch to report their sum."""
+        value = _detached(loss)
+        self.loss = value if self.loss is None else self.loss + value
 
 
 class GradWatch:
@@ -115,7 +129,7 @@ class GradWatch:
 class Pending:
     """The record of one retain side, consumed by the next ``step()``."""
 
-    loss: Tensor | None
+    loss: Tensor | float | None
     grad_norm: Tensor
     reason: Tensor
     """0-dim int: why the step must be skipped (0: it need not)."""

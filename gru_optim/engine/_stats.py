@@ -112,7 +112,7 @@ def plain_stats(
 def step_stats(
     *,
     loss: Any,
-    retain_loss: Tensor | None,
+    retain_loss: Tensor | float | None,
     retain_grad_norm: Tensor,
     dot: Tensor,
     ema_sq_norm: Tensor,
@@ -140,9 +140,7 @@ def step_stats(
         "skipped": reason != 0,
         "skip_reason": reason,
         "forget_loss": _loss(loss, device),
-        "retain_loss": retain_loss.reshape(()).to(device)
-        if retain_loss is not None
-        else _nan(device),
+        "retain_loss": _loss(retain_loss, device),
         "dot": total_dot,
         "cosine": torch.where(denom > 0, total_dot / torch.where(denom > 0, denom, 1.0), 0.0),
         "conflict": conflicts.any(),

@@ -160,7 +160,7 @@ class GRUDeepSpeed:
         )
         self._segments = self._engine.partition_of(self._keys, shards.group_of)
         self._hyper = [s.rule.defaults()] * (1 if self._segments is None else len(self._segments))
-        self._gamma = {id(k): s.gamma for k in self._keys}
+        self._gamma = {id(k): float(gamma) for k in self._keys}
         self._index = {id(p): i for i, p in enumerate(shards.members)}
         self._forget: _Pass | None = None
 
