@@ -331,6 +331,9 @@ class GRUTrainer(Trainer):
         opt = self.gru_optimizer
         model = self.model_wrapped
         model.train()
+        # The step starts here, before training_step: a schedule-free optimizer must be in
+        # train mode before the retain pass (GRU refuses it in eval mode, before the fold).
+        self._optimizer_train()
         last = len(batch_samples) - 1
         with opt.retain_pass() as rp:
             for k, b in enumerate(batch_samples):
@@ -368,6 +371,17 @@ class GRUTrainer(Trainer):
                 total = total + loss.detach().cpu()
         self._gru_log["retain_loss"].append(total)
 
+    def _optimizer_train(self) -> None:
+        """Put the optimizer in train mode where it has one (schedule-free optimizers;
+        ``GRUOptimizer`` forwards ``train()`` to the optimizer it wraps), as the Trainer's
+        own ``training_step`` does."""
+        if (
+            self.optimizer is not None
+            and hasattr(self.optimizer, "train")
+            and callable(self.optimizer.train)
+        ):
+            self.optimizer.train()
+
     def training_step(
         self,
         model: nn.Module,
@@ -390,12 +404,7 @@ class GRUTrainer(Trainer):
                 self._record_stats(gru.last_stats)
             return loss.detach()  # type: ignore[union-attr]
         model.train()
-        if (
-            self.optimizer is not None
-            and hasattr(self.optimizer, "train")
-            and callable(self.optimizer.train)
-        ):
-            self.optimizer.train()
+        self._optimizer_train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             # return_outputs=False: compute_loss returns the loss alone

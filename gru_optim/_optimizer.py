@@ -98,13 +98,16 @@ def _inner_attr(name: str) -> Any:
     return property(get, set_, doc=f"The inner optimizer's ``{name}``.")
 
 
-def _engine_attr(name: str, doc: str) -> Any:
-    """A setting the engine reads at each step (settable between steps)."""
-    return property(
-        lambda self: getattr(self._engine, name),
-        lambda self, value: setattr(self._engine, name, value),
-        doc=doc,
-    )
+def _engine_attr(
+    name: str, doc: str, part: str = "_engine", check: Callable[[Any], Any] | None = None
+) -> Any:
+    """A setting the engine (or its ``part``) reads at each step, settable between steps
+    (validated by ``check``)."""
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(getattr(self, part), name, value if check is None else check(value))
+
+    return property(lambda self: getattr(getattr(self, part), name), set_, doc=doc)
 
 
 def _group_setting(key: str, check: Callable[[Any], float], what: str) -> Any:
@@ -158,11 +161,9 @@ class _EagerContext(contextlib.AbstractContextManager):  # type: ignore[type-arg
 class GRUOptimizer(Optimizer):
     r"""Gradient Rectified Unlearning around any ``torch.optim`` optimizer.
 
-    Keeps an exponential moving average of the retain gradient,
-    ``m_t = gamma * g_r + (1 - gamma) * m_{t-1}`` (``m_0 = 0``), and before each step of
-    the wrapped optimizer replaces the forget gradient ``g`` by the closest vector that
-    does not conflict with ``m``: if ``<g, m> < 0`` then
-    ``g <- g - <g, m> / ||m||^2 * m``, otherwise ``g`` is left exactly as it is.
+    Keeps ``m_t = gamma * g_r + (1 - gamma) * m_{t-1}`` (``m_0 = 0``) of the retain
+    gradient, and before each inner step replaces the forget gradient ``g`` by the closest
+    vector not in conflict with ``m``: ``g - min(<g, m>, 0) / ||m||^2 * m``.
 
     Args:
         optimizer: the optimizer to wrap (an instance); ``param_groups``, ``state`` and
@@ -188,10 +189,8 @@ class GRUOptimizer(Optimizer):
         plain_steps: a step given no retain gradient is the inner optimizer's plain step:
             ``"warn"`` once (:class:`~gru_optim.PlainStepWarning`), ``"error"`` or ``"allow"``.
 
-    ``gamma``/``retain_weight`` not given (``None``) are read from the groups (an
-    optimizer that loaded a GRU checkpoint), else 0.8 and 0; given, they are written into
-    every group. Everything is validated before anything is written. One inner optimizer
-    has at most one live wrapper.
+    ``gamma``/``retain_weight`` not given are read from the groups, else 0.8 and 0. All is
+    validated before anything is written. One inner optimizer has one live wrapper.
 
     ``docs/api/optimizer.md`` says more about each option. Use it with closures,
     ``opt.step(forget_closure, retain_closure)``, or without::
@@ -233,6 +232,13 @@ class GRUOptimizer(Optimizer):
                 f"{type(optimizer).__name__}; build the optimizer first, e.g. "
                 "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
             )
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError(
+                "SparseAdam steps only sparse gradients, and the rectified gradient "
+                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
+                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
+                "gradients (nn.Embedding(sparse=True)) itself"
+            )
         refuse_second_wrapper(optimizer)
         self._inner = optimizer
         self._engine, self._sides = param_engine(
@@ -263,14 +269,22 @@ class GRUOptimizer(Optimizer):
         register_wrapper(optimizer, self)
 
     def _real(self) -> GRUOptimizer:
-        """This optimizer, also when a method is called through a wrapper that copied its
-        ``__dict__`` (PyTorch Lightning's ``LightningOptimizer`` subclasses it on the fly
-        and keeps the original as ``_optimizer``): the step's hooks and the scaler's
-        bookkeeping are keyed by the original object."""
+        """This optimizer, also through a wrapper that copied its ``__dict__`` (Lightning's
+        ``LightningOptimizer`` keeps the original as ``_optimizer``)."""
         inner = self.__dict__.get("_optimizer")
         return inner if isinstance(inner, GRUOptimizer) and inner is not self else self
 
     # ------------------------------------------------------------------ delegation
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes of the inner optimizer that this class does not define
+        (schedule-free's ``train()`` / ``eval()``, Lookahead's ...), for training loops
+        that look for them on the optimizer. Private names are never delegated; a
+        delegated method that steps bypasses GRU (``step`` is GRU's own)."""
+        inner = self._real().__dict__.get("_inner")
+        if name.startswith("_") or inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
     @property
     def optimizer(self) -> Optimizer:
         """The wrapped optimizer."""
@@ -294,15 +308,12 @@ class GRUOptimizer(Optimizer):
     skip_nonfinite = _engine_attr("skip_nonfinite", "Skip a step when anything is not finite.")
     foreach = _engine_attr("foreach", "Use the multi-tensor kernels (``None``: when possible).")
 
-    @property
-    def plain_steps(self) -> PlainSteps:
-        """What a step given no retain gradient does: ``"warn"``, ``"error"`` or
-        ``"allow"`` (see the constructor); settable."""
-        return self._sides.plain_steps
-
-    @plain_steps.setter
-    def plain_steps(self, value: PlainSteps) -> None:
-        self._sides.plain_steps = check_plain_steps(value)
+    plain_steps = _engine_attr(
+        "plain_steps",
+        "A step given no retain gradient: warn, error or allow.",
+        "_sides",
+        check_plain_steps,
+    )
 
     granularity = property(lambda self: self._engine.granularity, doc="The partition.")
     space = property(lambda self: self._engine.space, doc="``gradient`` or ``update``.")
@@ -328,16 +339,9 @@ class GRUOptimizer(Optimizer):
             self._inner.zero_grad(set_to_none=set_to_none)
 
     def __getstate__(self) -> dict[str, Any]:
-        engine = self.__dict__.get("_engine")
-        if engine is not None and engine.pending is not None:
-            raise RuntimeError(
-                "copying or pickling a GRUOptimizer between retain_pass() and step(): the "
-                "copy's memory would be one fold ahead and its next step a plain one; copy "
-                "after step() (or before the retain pass)"
-            )
-        # Like torch's Optimizer, leave out the hooks and what an LR scheduler attaches to
-        # the instance (``step`` wrapped with a weak reference to *this* optimizer, and
-        # ``_opt_called``): a copy must step itself, not the original.
+        # As torch's Optimizer: no hooks, nor what an LR scheduler attaches (``step``
+        # wrapped with a weak reference to *this* optimizer): a copy steps itself. The
+        # engine refuses to be copied with a retain pass pending.
         return {
             k: v
             for k, v in self.__dict__.items()

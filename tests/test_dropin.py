@@ -621,7 +621,8 @@ def _db_params(two_d_only: bool) -> list[nn.Parameter]:
 def _optim_db_cases() -> list:
     """Every optimizer of torch's own test database and each of its CPU sample
     configurations, with each implementation (for-loop, foreach, fused) it supports on the
-    CPU. SparseAdam is left out: it needs sparse gradients, which GRU refuses."""
+    CPU. SparseAdam is left out: it steps only sparse gradients, and GRU refuses it (the
+    rectified gradient is dense)."""
     from torch.testing._internal.common_optimizers import optim_db
 
     cases = []

@@ -109,8 +109,13 @@ class Engine:
         self.last_stats: dict[str, Tensor] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # A pending retain pass (autograd hooks on the original's parameters) is not copied.
-        return {k: (None if k == "pending" else v) for k, v in self.__dict__.items()}
+        if self.pending is not None:
+            raise RuntimeError(
+                "copying or pickling a GRUOptimizer between retain_pass() and step(): the "
+                "copy's memory would be one fold ahead and its next step a plain one; copy "
+                "after step() (or before the retain pass)"
+            )
+        return dict(self.__dict__)
 
     # ------------------------------------------------------------------ decisions
     def checking(self) -> bool:

@@ -66,9 +66,16 @@ class RetainMemory:
 
     # ------------------------------------------------------------------ access
     def dtype_for(self, p: Tensor) -> torch.dtype:
+        """The buffer's dtype for ``p``; complex like a complex parameter (the complex
+        dtype of what a real one would get: ``complex64``, or ``complex128`` for
+        ``complex128``; torch has no complex bfloat16, so ``ema_dtype=torch.bfloat16``
+        gives ``complex64``)."""
+        real = p.dtype.to_real() if p.is_complex() else p.dtype
         if self.dtype is not None:
-            return self.dtype
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+            dtype = self.dtype
+        else:
+            dtype = torch.float64 if real == torch.float64 else torch.float32
+        return dtype.to_complex() if p.is_complex() else dtype
 
     def get(self, p: Tensor) -> Tensor | None:
         return self._buffers.get(p)
@@ -106,6 +113,8 @@ class RetainMemory:
 
     @staticmethod
     def _wrap(p: Tensor, h: Tensor) -> Tensor:
+        if p.is_complex():  # the ring holds real views (see _reduce.local)
+            h = torch.view_as_complex(h)
         if getattr(p, "to_local", None) is None:
             return h
         from torch.distributed.tensor import DTensor
@@ -241,8 +250,11 @@ class RetainMemory:
                 f"retain memory of {where} is a {type(m).__name__}, not a tensor: the state "
                 "dict is corrupt"
             )
-        if not m.is_floating_point():
-            raise ValueError(f"retain memory of {where} has dtype {m.dtype}, not a floating dtype")
+        if not (m.is_floating_point() or (m.is_complex() and p.is_complex())):
+            raise ValueError(
+                f"retain memory of {where} has dtype {m.dtype}, not a floating dtype"
+                + (" (complex like the parameter)" if p.is_complex() else "")
+            )
         if tuple(m.shape) != tuple(p.shape):
             raise ValueError(
                 f"retain memory of {where} has shape {tuple(m.shape)}, the parameter "

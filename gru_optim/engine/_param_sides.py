@@ -189,6 +189,7 @@ class ParamSides:
         hypers = self.read_hyper()
         self.check_combinations(hypers)
         # Everything that can be refused is refused here, before the retain side folds.
+        self.source.check_ready(self.engine.amp.scaler is not None)
         if self.closure_driven:
             if closure is None:
                 raise RuntimeError(
@@ -241,6 +242,7 @@ class ParamSides:
                 "one retain_pass, then back-propagate the forget loss and call step()"
             )
         hypers = self.read_hyper()
+        self.source.check_ready(self.engine.amp.scaler is not None)
         handle = RetainPass(check_loss(loss, "retain_pass loss") if loss is not None else None)
         self.in_retain_pass = True
         try:
@@ -332,7 +334,7 @@ class ParamSides:
             raise RuntimeError(
                 "the post-rectification pass computed no gradient: call backward on its loss"
             )
-        self.source.check_grads(params)
+        self.source.densify(params)
         pending.post = True
         if losses and losses[0] is not None:
             pending.extra["post_loss"] = losses[0]
@@ -342,7 +344,7 @@ class ParamSides:
         """Fold the retain gradient now in ``.grad`` into the memory and leave the step's
         record in ``engine.pending``."""
         eng = self.engine
-        self.source.check_grads(params)
+        self.source.densify(params)
         eng.amp.unscale_retain()
         gi = self.source.group_index()
         with torch.no_grad():
@@ -416,7 +418,6 @@ class ParamSides:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        source.check_grads(params)
         eng.amp.unscale_forget()
         device = source.device_of(params)
         found = eng.amp.found_inf(device)
@@ -437,7 +438,6 @@ class ParamSides:
                 "or retain_pass() first, then the forget backward, then step(); gradients "
                 "present when the retain side starts are discarded as stale"
             )
-        self.source.check_grads(params)
         if pending.watch is not None:
             changed = pending.watch.changed(allowed=1 if eng.amp.caller_unscaled() else 0)
             if changed:
@@ -450,6 +450,7 @@ class ParamSides:
                     "instead, which clips the rectified gradient right before the inner "
                     "step, and zero gradients only through the optimizer's zero_grad()"
                 )
+        self.source.densify(params)
         eng.amp.unscale_forget()
         with torch.no_grad():
             layout = self.layout(params, hypers, zero_fill=True)

@@ -79,8 +79,14 @@ class Layout:
         self.segments = segments
         self.hyper = hyper
         self.reducer = reducer
-        self.numels = list(numels) if numels is not None else [p.numel() for p in members]
-        """Each member's full size (a sharded member's local vector holds part of it)."""
+        # Real scalars per member (a complex one counts its real view's two per element);
+        # a sharded member's full size where the driver gives it (its local vector holds
+        # part of it).
+        self.numels = (
+            list(numels)
+            if numels is not None
+            else [p.numel() * (2 if p.is_complex() else 1) for p in members]
+        )
 
     def solve(
         self,

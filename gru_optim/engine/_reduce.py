@@ -12,15 +12,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = ["Reducer", "local"]
 
 
 def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor, the tensor itself otherwise (shares storage)."""
+    """The local shard of a DTensor, the tensor itself otherwise (shares storage).
+
+    A complex tensor comes back as its real view (``torch.view_as_real``, shares storage):
+    every pass of GRU (dot products, norms, the fold, the correction; foreach, compiled
+    C++ and Triton alike) then works on real floating tensors, and ``<g, m>`` is the real
+    inner product ``Re<g, m>`` of the complex vectors, as torch's optimizers treat
+    complex parameters.
+    """
     to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    t = to_local() if to_local is not None else t
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _is_dtensor(t: Tensor) -> bool:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._inner import step_inner
+from ._inner import not_ready, step_inner
 from ._reduce import local
 
 __all__ = ["GradientSource", "ParamSource"]
@@ -89,22 +89,30 @@ class ParamSource:
         return out
 
     @staticmethod
-    def check_grads(params: list[Tensor]) -> None:
-        """Raises for gradients GRU cannot rectify (sparse, complex)."""
+    def densify(params: list[Tensor]) -> None:
+        """Sparse gradients (``nn.Embedding(sparse=True)``) become dense, in place of
+        ``.grad``: the memory is dense (it decays every row) and so is the rectified
+        gradient ``g - c m``, which the inner optimizer then steps (it must accept dense
+        gradients: ``SparseAdam`` is refused when the GRUOptimizer is built). Complex
+        gradients need nothing: every pass reads them as real views (``_reduce.local``)."""
         for p in params:
             g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(
-                    "GRUOptimizer does not support sparse gradients (layout "
-                    f"{g.layout}); use dense embeddings (sparse=False)"
-                )
-            if g.is_complex():
-                raise RuntimeError(
-                    "GRUOptimizer does not support complex parameters: the projection is "
-                    "defined for real gradients; view them with torch.view_as_real"
-                )
+            if g is not None and g.layout != torch.strided:
+                p.grad = g.to_dense()
+
+    def check_ready(self, scaled: bool) -> None:
+        """Refuse a GRU step that would fail part-way, before anything changes: one the
+        inner optimizer would refuse, or complex parameters under a gradient scaler
+        (``scaled``)."""
+        reason = not_ready(self.inner)
+        if reason is not None:
+            raise RuntimeError(reason)
+        if scaled and any(p.is_complex() for p in self.trainable()):
+            raise RuntimeError(
+                "torch's GradScaler does not unscale complex gradients "
+                "(_amp_foreach_non_finite_check_and_unscale_ is not implemented for complex "
+                "dtypes): train complex parameters without grad_scaler (bf16 autocast or fp32)"
+            )
 
     def clear(self) -> None:
         """Every parameter's gradient to ``None`` (a frozen one's too: a gradient GRU wrote

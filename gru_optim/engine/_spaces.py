@@ -6,8 +6,8 @@
   role of a gradient), so that ``<theta_new - theta_old, m> <= 0`` whatever the inner
   optimizer's preconditioning. One extra parameter-sized buffer.
 - :func:`closure_driven_step`: optimizers whose ``step`` re-evaluates the closure
-  (``LBFGS``): the memory is folded once, every evaluation of the forget closure is
-  rectified against it.
+  (``LBFGS``; SAM, which also uses the gradient present when it is called): the memory
+  is folded once, every evaluation of the forget closure is rectified against it.
 
 Each returns ``(solution, reason, grad_norm, clip_coef)`` for the statistics; the host
 reads that decide a skip go through the engine's ``skip``/``gate`` (only when GRU checks).
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .._functional import tensor_sq_norms
 from ..rules import Rule, Solution
+from ._inner import gradient_first
 from ._partition import Layout
 from ._reduce import Reducer, local
 from ._sources import GradientSource, ParamSource
@@ -167,6 +168,7 @@ def closure_driven_step(
         if space != "gradient":
             return loss
         params = source.trainable()
+        source.densify(params)
         with torch.no_grad():
             layout = build_layout(params)
             vectors = [local(p.grad) for p in layout.members]  # type: ignore[arg-type]
@@ -179,13 +181,20 @@ def closure_driven_step(
         last["result"] = (sol, reason, *clip)
         return loss
 
+    # A step that uses the gradient present when it is called (SAM): the forget gradient
+    # at the current weights, rectified like every later evaluation.
+    first = gradient_first(source.inner)
     if space == "gradient":
+        if first:
+            evaluate()
         out = source.step_plain(evaluate)
         return out, last["result"]
     with torch.no_grad():
         layout = build_layout(source.trainable())
         weights = [local(p) for p in layout.members]
         old = [w.detach().clone() for w in weights]
+    if first:
+        evaluate()
     out = source.step_plain(evaluate)
     with torch.no_grad():
         torch._foreach_sub_(old, weights)

@@ -17,16 +17,52 @@ from ._groups import check_gamma, check_retain_weight, fill_groups
 from ._memory import EMA_KEY, HISTORY_KEY, RetainMemory
 from ._sources import ParamSource
 
-__all__ = ["load_state", "save_state"]
+__all__ = ["GRU_STATE_KEY", "load_state", "save_state", "torch_index"]
+
+
+GRU_STATE_KEY = "gru_state"
+"""Where :func:`save_state` keeps the memory when the inner optimizer's state dict is not
+in torch's format (``pytorch_optimizer.Lookahead``: ``lookahead_state`` and
+``base_optimizer``): ``{"state": {k: {EMA_KEY: m, ...}}}``, parameters numbered as
+torch numbers them (:func:`torch_index`), beside the inner optimizer's own keys."""
+
+
+def _is_standard(sd: Any) -> bool:
+    """Whether ``sd`` is in torch's format (``state`` and ``param_groups``)."""
+    return (
+        isinstance(sd, dict)
+        and isinstance(sd.get("state"), dict)
+        and isinstance(sd.get("param_groups"), list)
+    )
+
+
+def torch_index(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """The index ``torch.optim.Optimizer.state_dict`` gives each parameter (by ``id``),
+    exactly as torch numbers them: in group order, each group's numbering starting after
+    all the entries of the groups before it (duplicates included); a parameter listed
+    twice in one group (tied weights) gets its *last* position in the first group that
+    lists it (torch's mapping is updated group by group, later entries of a group
+    overwriting earlier ones)."""
+    index: dict[int, int] = {}
+    start = 0
+    for group in groups:
+        new: dict[int, int] = {}
+        for i, p in enumerate(group["params"], start):
+            if id(p) not in index:
+                new[id(p)] = i
+        index.update(new)
+        start += len(group["params"])
+    return index
 
 
 def save_state(engine: Engine, source: ParamSource) -> dict[str, Any]:
     """The inner optimizer's state dict with the memory merged in (the optimizer's own
     state-dict hooks are the caller's)."""
     sd = source.inner.state_dict()
-    state = dict(sd["state"])
+    standard = _is_standard(sd)
+    state = dict(sd["state"]) if standard else {}
     params = source.params()
-    index = {id(p): i for i, p in enumerate(params)}
+    index = torch_index(source.groups)
     memory = engine.memory
     for p in params:
         if p in memory or p.requires_grad:
@@ -36,7 +72,9 @@ def save_state(engine: Engine, source: ParamSource) -> dict[str, Any]:
             if memory.history:
                 entry[HISTORY_KEY] = memory.history_entry(p)
             state[k] = entry
-    return {"state": state, "param_groups": sd["param_groups"]}
+    if standard:
+        return {"state": state, "param_groups": sd["param_groups"]}
+    return {**sd, GRU_STATE_KEY: {"state": state}}
 
 
 def _check_groups(engine: Engine, source: ParamSource, saved_groups: Any) -> None:
@@ -131,7 +169,14 @@ def _check_inner_entry(
 def load_state(engine: Engine, source: ParamSource, state_dict: Any) -> None:
     """Validate ``state_dict`` entirely, then load it into the inner optimizer and the
     memory (the optimizer's own load hooks are the caller's)."""
+    if isinstance(state_dict, dict) and GRU_STATE_KEY in state_dict:
+        _load_foreign(engine, source, state_dict)
+        return
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        if isinstance(state_dict, dict) and not _is_standard(source.inner.state_dict()):
+            # A state dict of the plain inner optimizer in its own format: no memory.
+            _load_foreign(engine, source, {**state_dict, GRU_STATE_KEY: {"state": {}}})
+            return
         raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
     if not isinstance(state_dict["state"], dict):
         raise ValueError("not an optimizer state dict: 'state' must be a dict")
@@ -181,5 +226,39 @@ def load_state(engine: Engine, source: ParamSource, state_dict: Any) -> None:
     except BaseException:
         inner.state, inner.param_groups = old_state, old_groups
         raise
+    engine.memory.commit(prepared)
+    fill_groups(inner.param_groups, engine.hdefaults)
+
+
+def _load_foreign(engine: Engine, source: ParamSource, state_dict: dict[str, Any]) -> None:
+    """Load a state dict whose inner part is not in torch's format: the memory under
+    :data:`GRU_STATE_KEY` is validated first, the rest goes to the inner optimizer's own
+    ``load_state_dict`` (which validates its part), then the memory is installed."""
+    rest = {k: v for k, v in state_dict.items() if k != GRU_STATE_KEY}
+    gru = state_dict[GRU_STATE_KEY]
+    if not isinstance(gru, dict) or not isinstance(gru.get("state"), dict):
+        raise ValueError(f"not a GRU state dict: {GRU_STATE_KEY!r} must hold a 'state' dict")
+    inner = source.inner
+    index = torch_index(inner.param_groups)
+    by_key = {index[id(p)]: p for p in source.params()}
+    emas: dict[Tensor, Tensor] = {}
+    histories: dict[Tensor, list[Tensor]] = {}
+    for k, entry in gru["state"].items():
+        if k not in by_key or not isinstance(entry, dict):
+            raise ValueError(f"state dict has retain memory for unknown parameter {k!r}")
+        p = by_key[k]
+        if EMA_KEY in entry:
+            emas[p] = RetainMemory.check_entry(p, entry[EMA_KEY], f"parameter {k}")
+        if HISTORY_KEY in entry:
+            histories[p] = engine.memory.check_history(p, entry[HISTORY_KEY], f"parameter {k}")
+    if emas:
+        absent = [k for k, p in by_key.items() if p.requires_grad and p not in emas]
+        if absent:
+            raise ValueError(
+                f"the state dict has no retain memory for parameter(s) {absent[:8]}, which "
+                "are trainable: it was truncated (or they were frozen when it was saved)"
+            )
+    prepared = engine.memory.prepare(emas, histories)
+    inner.load_state_dict(rest)
     engine.memory.commit(prepared)
     fill_groups(inner.param_groups, engine.hdefaults)
