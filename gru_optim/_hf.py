@@ -201,12 +201,18 @@ class GRUTrainer(Trainer):
             if self.args.max_grad_norm and self.args.max_grad_norm > 0
             else None
         )
-        if not isinstance(opt, GRUOptimizer):
+        try:
+            # A second train() finds the GRUOptimizer inside Accelerate's wrapper: wrapping
+            # that again would rectify twice (the inner one with no retain pass).
+            found: GRUOptimizer | None = find_gru_optimizer(opt)
+        except TypeError:
+            found = None
+        if found is None:
             kwargs = dict(self.gru_kwargs)
             kwargs.setdefault("max_grad_norm", clip)
             opt = GRUOptimizer(opt, **kwargs)
             self.optimizer = opt
-        elif opt.max_grad_norm is None:
+        elif (opt := found).max_grad_norm is None:
             opt.max_grad_norm = clip
         elif clip is not None and opt.max_grad_norm != clip:
             raise ValueError(

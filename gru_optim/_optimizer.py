@@ -35,6 +35,7 @@ from .engine._policy import (
     PlainSteps,
     PlainStepWarning,
     check_plain_steps,
+    refuse_rewrap,
     refuse_second_wrapper,
     register_wrapper,
 )
@@ -224,8 +225,7 @@ class GRUOptimizer(Optimizer):
         grad_scaler: Any = None,
         plain_steps: PlainSteps = "warn",
     ) -> None:
-        if isinstance(optimizer, GRUOptimizer):
-            raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
+        refuse_rewrap(optimizer, GRUOptimizer)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 "GRUOptimizer wraps a torch.optim.Optimizer instance, got "

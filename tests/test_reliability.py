@@ -479,3 +479,18 @@ def test_plain_steps_can_be_changed_and_is_validated_when_set() -> None:
     opt.plain_steps = "error"
     with pytest.raises(RuntimeError, match="got no retain gradient"):
         _plain(model, opt)
+
+
+def test_an_optimizer_wrapping_a_gru_optimizer_is_not_wrapped_again() -> None:
+    # A Trainer's second train() handed GRU Accelerate's wrapper around the first
+    # GRUOptimizer: the outer one rectified, then the inner one took a plain step.
+    from accelerate import Accelerator
+
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=LR)
+    gru = GRUOptimizer(inner)
+    accelerated = Accelerator(cpu=True).prepare_optimizer(gru)
+    assert accelerated.optimizer is gru
+    with pytest.raises(TypeError, match="already wraps a GRUOptimizer"):
+        GRUOptimizer(accelerated)
+    assert _gru_keys(inner.param_groups) == [{GAMMA_KEY: 0.8, RETAIN_WEIGHT_KEY: 0.0}]

@@ -26,6 +26,7 @@ __all__ = [
     "caller_level",
     "check_plain_steps",
     "frozen_lr",
+    "refuse_rewrap",
     "refuse_second_wrapper",
     "register_wrapper",
 ]
@@ -53,6 +54,25 @@ def check_plain_steps(value: Any) -> PlainSteps:
 # The live GRUOptimizer around each inner optimizer (weak references both ways: a
 # wrapper that was garbage-collected, or an inner optimizer that was, leaves no entry).
 _OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+
+
+def refuse_rewrap(optimizer: Any, gru_class: type) -> None:
+    """Raise when ``optimizer`` is a ``gru_class`` (a GRUOptimizer) or holds one as its
+    ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, or any such wrapper): GRU
+    would rectify twice, the inner one with no retain pass."""
+    if isinstance(optimizer, gru_class):
+        raise TypeError("the optimizer is already a GRUOptimizer; wrap the inner one once")
+    inside = optimizer
+    for _ in range(8):
+        inside = getattr(inside, "optimizer", None)
+        if inside is None:
+            return
+        if isinstance(inside, gru_class):
+            raise TypeError(
+                f"the optimizer ({type(optimizer).__name__}) already wraps a GRUOptimizer "
+                "(as its .optimizer): GRU would rectify twice, the inner one with no retain "
+                "pass; wrap the plain optimizer once and use that GRUOptimizer"
+            )
 
 
 def refuse_second_wrapper(optimizer: Optimizer) -> None:
