@@ -8,9 +8,12 @@ module each: ``_memory`` (the memory), ``_partition`` (segments), ``_reduce`` (t
 packed all-reduce), ``_amp`` (gradient scaling), ``_stats`` (``last_stats``), ``_pending``
 (what a retain side leaves for its step), ``_spaces`` (gradient or update space),
 ``_groups`` (hyperparameters in the parameter groups), ``_inner`` (the inner optimizer's
-step) and ``_state_dict`` (checkpoints).
+step), ``_state_dict`` and ``_fragments`` (checkpoints), ``_config`` (the keywords every
+driver shares), ``_sources`` and ``_param_sides`` (the ``.grad`` driver), ``_build``
+(``GRUOptimizer``'s engine, built) and ``_policy`` (plain steps, one wrapper per inner
+optimizer).
 
-This package's ``__init__`` imports nothing, so that the rules (which use the reducer and
-the number checks) and the engine (which uses the rules) import each other's modules in
-one direction only.
+Imports go one way: the drivers import the engine, the engine imports the rules and the
+functional core, the rules import the functional core only. This ``__init__`` imports
+nothing (import the modules themselves).
 """

@@ -3,7 +3,7 @@
 Every rule has one contract. :meth:`Rule.solve` takes the vectors to rectify (local
 shards of the forget gradients, or of the inner optimizer's update in update space), the
 retain directions (the memory, as local shards; ``None`` for a parameter without one),
-the segments of the partition and the :class:`~gru_optim.engine._reduce.Reducer`, and
+the segments of the partition and the reducer (:class:`Reducer`), and
 returns a :class:`Solution`: the per-segment sums, the coefficients and whether they can
 be trusted. It changes nothing. :meth:`Rule.apply_` then adds the correction to any
 targets (the vectors themselves in gradient space; the parameters, with the opposite
@@ -16,16 +16,67 @@ A new rule is one file in this package: a subclass of :class:`Rule` (or of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from .._functional import SegmentStats, expand_segments, project_, segment_stats, tensor_dots
-from ..engine._reduce import Reducer
 
-__all__ = ["OneDirection", "Rule", "Solution", "dots_with"]
+__all__ = ["OneDirection", "Reducer", "Rule", "Solution", "dots_with", "real"]
+
+
+class Reducer(Protocol):
+    """What a rule needs of the reduction across processes (the engine's
+    ``Reducer`` is one): ``fn`` adds packed partial sums across them in place, or is
+    ``None`` when nothing is sharded."""
+
+    @property
+    def fn(self) -> Callable[[Tensor], None] | None: ...
+
+
+def real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    what: str = "",
+) -> float:
+    """``value`` as a finite Python float inside the given interval, or a clear error.
+
+    Accepts every real number type (int, float, NumPy scalars, ``fractions``, 0-dim real
+    tensors and arrays); refuses ``bool``, strings, complex numbers, NaN and infinities.
+    """
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
+        shape = tuple(getattr(value, "shape", ()))
+        dtype = getattr(value, "dtype", None)
+        is_bool = dtype == torch.bool or str(dtype) == "bool"
+        is_complex = (isinstance(dtype, torch.dtype) and dtype.is_complex) or "complex" in str(
+            dtype
+        )
+        if shape != () or is_bool or is_complex:
+            raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite{what}, got {value!r}")
+    too_low = x <= low if low_open else x < low
+    too_high = x >= high if high_open else x > high
+    if too_low or too_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}{hi}{what}, got {value!r}")
+    return x
 
 
 class Solution(NamedTuple):

@@ -10,8 +10,7 @@ from torch import Tensor
 
 from .._cone import cone_coefficients, segment_gram
 from .._functional import SegmentStats, expand_segments, project_
-from ..engine._reduce import Reducer
-from ._base import Rule, Solution, dots_with
+from ._base import Reducer, Rule, Solution, dots_with
 
 __all__ = ["Cone", "check_directions"]
 

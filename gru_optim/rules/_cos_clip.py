@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from .._functional import SegmentStats, cosclip_coefficients
-from ..engine._groups import real
-from ._base import OneDirection
+from ._base import OneDirection, real
 
 __all__ = ["COS_CLIP_KEY", "CosClip"]
 
