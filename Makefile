@@ -4,8 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel here.
 TORCH  := torch==2.13.0
-EXTRAS := test,bench,hf,study,triton,lightning,deepspeed
+EXTRAS := test,bench,hf,study,triton,lightning,deepspeed,cli
 STAMP  := $(VENV)/.installed
+# `make demo` installs torch and the `cli` extra only (no DeepSpeed, Lightning, Triton or
+# test tools): a fresh clone's demo takes minutes, most of it the download.
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test bench clean lint
 
@@ -17,13 +20,22 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	# DeepSpeed JIT-compiles its CPU shared-memory communication op on first use (g++,
 	# about a minute): build it once here, not inside a test's time limit.
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
-	# GRU's CPU kernels (gru_optim/_native.py) compile on first use (g++, about 15 s):
+	# GRU's CPU kernels (gru_optim/kernels/_native.py) compile on first use (g++, about 15 s):
 	# built and cached here too.
-	$(BIN)/python -c "from gru_optim._native import build; build()"
+	$(BIN)/python -c "from gru_optim.kernels import build; build()"
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python -m gru_optim.demo
+$(DEMO_STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[cli]"
+	touch $@
+
+# gru-unlearn's embedded default: the study's tiny model and corpus, GRU and the plain
+# baseline side by side (docs/guides/cli.md). The study itself: python -m gru_optim.demo.
+demo: $(DEMO_STAMP)
+	$(BIN)/gru-unlearn --output results/gru-unlearn-demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -W error -q
@@ -55,8 +67,31 @@ lint: $(LINT_STAMP)
 	$(BIN)/ruff format --check gru_optim tests benchmarks docs
 	$(BIN)/mypy
 
+# The Hugging Face tests against the oldest transformers the `hf` extra allows (4.45, the
+# release open-unlearning pins), in a second, smaller environment: torch pinned as above,
+# the floor versions in .ci/hf-floor-constraints.txt, the package from this checkout.
+FLOOR       := .venv-hf-floor
+FLOOR_STAMP := $(FLOOR)/.installed
+HF_TESTS    := tests/test_hf.py tests/test_hf_mixin.py tests/test_docs_open_unlearning.py
+# DeepSpeed's JIT-built op is keyed on its include paths (the venv's): a cache of the floor's
+# own, so that the two environments do not rebuild each other's.
+FLOOR_ENV   := DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$(CURDIR)/$(FLOOR)/torch_extensions
+.PHONY: test-hf-floor
+
+$(FLOOR_STAMP): setup.cfg pyproject.toml Makefile .ci/hf-floor-constraints.txt
+	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR)/bin/python -m pip install -q -c .ci/hf-floor-constraints.txt -e ".[test,hf,deepspeed]"
+	$(FLOOR_ENV) $(FLOOR)/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	$(FLOOR)/bin/python -c "from gru_optim._native import build; build()"
+	touch $@
+
+test-hf-floor: $(FLOOR_STAMP)
+	$(FLOOR)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(FLOOR_ENV) $(FLOOR)/bin/python -m pytest -W error -q $(HF_TESTS)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) build site *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(FLOOR) build site *.egg-info .pytest_cache .hypothesis

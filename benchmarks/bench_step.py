@@ -17,7 +17,7 @@ Methods:
 - ``gru``: ``GRUOptimizer`` around an optimizer whose ``step`` does nothing (the
   wrapper minus the inner step), closure-free path (``retain_pass`` + ``step``), default
   settings (gamma 0.8, global, fp32 memory, ``skip_nonfinite=True``, ``fused=None``: on
-  CPU the compiled C++ passes of ``gru_optim/_native.py``).
+  CPU the compiled C++ passes of ``gru_optim/kernels/_native.py``).
 - ``gru_foreach``: the same with ``fused=False`` (torch's foreach operations).
 - ``gru_nocheck``: the wrapper with ``skip_nonfinite=False``: no retain norm before the
   fold (the fold's own pass gives it), so 32 B per parameter instead of 36.
@@ -57,13 +57,13 @@ from gru_optim.functional import ema_update_, rectify_
 GAMMA = 0.8
 
 # Bytes GRU moves per parameter element per conflicting step, fp32 gradients and memory,
-# with the fused kernels (gru_optim/_fused.py):
+# with the fused kernels (gru_optim/kernels/_triton.py):
 #   retain norm  read g_r                       1 x 4 B   (to skip a bad fold on the device)
 #   fold         read g_r, read m, write m      3 x 4 B
 #   forget stats read g_u, read m               2 x 4 B   (<g,m>, ||g||^2, ||m||^2, one pass)
 #   projection   read g_u, read m, write g_u    3 x 4 B
 GRU_MIN_BYTES_PER_ELEM = 36
-# The CPU's compiled passes (gru_optim/_native.py) move the same 36 B. What the foreach
+# The CPU's compiled passes (gru_optim/kernels/_native.py) move the same 36 B. What the foreach
 # path moves: retain norm 4, fold 12, forget norm 4, dots 8, ||m||^2 4, projection 12; the
 # functional core (ema_update_ + rectify_) skips the retain norm.
 GRU_WRAPPER_BYTES_PER_ELEM = GRU_MIN_BYTES_PER_ELEM
@@ -424,7 +424,7 @@ def pass_breakdown(params: list[torch.Tensor], repeats: int) -> dict[str, Any] |
     after an untimed run of the same pass) and right after the gradients were rewritten
     (an untimed copy into them, as a backward writes them: the pass then also pays for
     writing those dirty cache lines back). ``None`` where the CPU kernels do not run."""
-    from gru_optim import _native
+    from gru_optim.kernels import _native
 
     if _native.native_reason() is not None:
         return None

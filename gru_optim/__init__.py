@@ -6,7 +6,8 @@ forget gradient with its conflict against the retain gradient's memory projected
 
 ``gru_optim.objectives`` holds the unlearning objectives, ``gru_optim.data`` paired
 forget/retain data, ``gru_optim.rules`` the rectification rules, and ``gru_optim.hf``
-(``hf`` extra, imported on demand) the Hugging Face ``GRUTrainer``.
+(``hf`` extra, imported on demand) the Hugging Face ``GRUTrainer``; the ``gru-unlearn``
+command (``gru_optim.cli``, ``cli`` extra) unlearns a saved model from forget/retain files.
 """
 
 from . import data, functional, objectives, rules
@@ -17,6 +18,7 @@ from .engine._memory import EMA_KEY
 from .engine._pending import RetainPass
 from .engine._policy import PlainStepWarning
 from .engine._stats import SkipReason
+from .kernels import KernelFallbackWarning
 from .rules import COS_CLIP_KEY
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "EMA_KEY",
     "GAMMA_KEY",
     "GRUOptimizer",
+    "KernelFallbackWarning",
     "PlainStepWarning",
     "RETAIN_WEIGHT_KEY",
     "RetainPass",

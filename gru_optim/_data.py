@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._objectives import IGNORE_INDEX
+from .objectives import IGNORE_INDEX
 
 __all__ = [
     "PairedCollator",
@@ -28,6 +28,24 @@ __all__ = [
 ]
 
 Example = Mapping[str, Any]
+
+
+def _check_example(example: Any, what: str) -> None:
+    """Refuse what is not a tokenised example (the first of each set is looked at)."""
+    if isinstance(example, Mapping) and "input_ids" in example:
+        return
+    got = (
+        f"a {type(example).__name__} ({example!r:.60})"
+        if isinstance(example, (str, bytes))
+        else f"a {type(example).__name__}"
+        + (f" with keys {sorted(example)}" if isinstance(example, Mapping) else "")
+    )
+    raise TypeError(
+        f"PairedUnlearningDataset takes tokenised examples, mappings with 'input_ids' (and "
+        f"'labels', 'attention_mask'), but the first {what} example is {got}: tokenise "
+        "first, e.g. [encode_example(tokenizer, prompt, answer) for prompt, answer in "
+        "pairs] (gru_optim.data.encode_example masks the prompt out of the labels)"
+    )
 
 
 def _default_rank() -> int:
@@ -76,6 +94,9 @@ class PairedUnlearningDataset(Dataset[dict[str, Example]]):
             raise ValueError("the forget set is empty")
         if len(retain) == 0:
             raise ValueError("the retain set is empty")
+        for what, examples in (("forget", forget), ("retain", retain), ("idk", idk)):
+            if examples is not None:
+                _check_example(examples[0], what)
         if idk is not None and len(idk) != len(forget):
             raise ValueError(
                 f"idk examples must align with the forget examples: got {len(idk)} for "
@@ -230,7 +251,16 @@ class PairedCollator:
     def __call__(self, items: Sequence[Mapping[str, Example]]) -> dict[str, dict[str, Tensor]]:
         if not items:
             raise ValueError("no items to collate")
-        keys = [k for k in ("forget", "retain", "idk") if k in items[0]]
+        first = items[0]
+        if not (isinstance(first, Mapping) and "forget" in first and "retain" in first):
+            got = sorted(first) if isinstance(first, Mapping) else type(first).__name__
+            raise ValueError(
+                "PairedCollator collates paired items {'forget': example, 'retain': example"
+                f"[, 'idk': example]}}, got an item {got}: wrap the examples in "
+                "PairedUnlearningDataset(forget, retain) (gru_optim.data), which pairs each "
+                "forget example with a retain example"
+            )
+        keys = [k for k in ("forget", "retain", "idk") if k in first]
         return {
             k: pad_examples(
                 [it[k] for it in items],

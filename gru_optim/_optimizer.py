@@ -19,7 +19,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .engine._build import param_engine
-from .engine._config import kernels_of
 from .engine._engine import Closure
 from .engine._groups import (
     GAMMA_KEY,
@@ -35,8 +34,7 @@ from .engine._policy import (
     PlainSteps,
     PlainStepWarning,
     check_plain_steps,
-    refuse_rewrap,
-    refuse_second_wrapper,
+    check_wrappable,
     register_wrapper,
 )
 from .engine._state_dict import load_state, save_state
@@ -224,22 +222,9 @@ class GRUOptimizer(Optimizer):
         fused: bool | None = None,
         grad_scaler: Any = None,
         plain_steps: PlainSteps = "warn",
+        **inner_options: Any,  # only to say where an inner optimizer's option goes
     ) -> None:
-        refuse_rewrap(optimizer, GRUOptimizer)
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
-                f"{type(optimizer).__name__}; build the optimizer first, e.g. "
-                "GRUOptimizer(torch.optim.AdamW(model.parameters()))"
-            )
-        if isinstance(optimizer, torch.optim.SparseAdam):
-            raise TypeError(
-                "SparseAdam steps only sparse gradients, and the rectified gradient "
-                "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
-                "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
-                "gradients (nn.Embedding(sparse=True)) itself"
-            )
-        refuse_second_wrapper(optimizer)
+        check_wrappable(optimizer, inner_options, GRUOptimizer)
         self._inner = optimizer
         self._engine, self._sides = param_engine(
             optimizer,
@@ -327,8 +312,7 @@ class GRUOptimizer(Optimizer):
     def kernels(self) -> str:
         """Which path the projection's passes run: ``"triton"`` (GPU, or Triton's
         interpreter), ``"cpu"`` (compiled C++) or ``"foreach"``."""
-        source = self._sides.source
-        return kernels_of(self._engine.fused, source.device_of(source.params()))
+        return str(self._engine.backend.value)
 
     # ------------------------------------------------------------------ zero_grad, pickling
     def zero_grad(self, set_to_none: bool = True) -> None:

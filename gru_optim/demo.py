@@ -1,8 +1,10 @@
 """``make demo``: a real unlearning study end to end, every GRU variant against plain
 unlearning.
 
-``python -m gru_optim.demo`` runs the ``demo`` preset (under five minutes on two CPU
-cores); ``python -m gru_optim.demo --preset full`` the study behind ``docs/results/``;
+``python -m gru_optim.demo`` runs the ``demo`` preset (about two minutes on two CPU
+cores); ``--preset full`` and ``--preset large`` the studies behind ``docs/results/``
+(resumable: runs already saved in the output folder are skipped, so ``--seeds`` or
+``--methods`` subsets can be run one after another into the same ``--out``);
 ``--preset tofu`` with ``--data-dir``, ``--model`` and ``--oracle`` the real-TOFU
 setting on a GPU. Results go to ``results/<preset>/``; trained models are cached under
 ``results/cache/``.
@@ -32,7 +34,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gru_optim.demo", description=__doc__)
-    p.add_argument("--preset", default="demo", help="demo (default), full or tofu")
+    p.add_argument("--preset", default="demo", help="demo (default), full, large or tofu")
     p.add_argument("--out", default=None, help="output folder (default results/<preset>)")
     p.add_argument("--cache-dir", default="results/cache", help="trained-model cache")
     p.add_argument(
@@ -118,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        from .study import PRESETS, run_study
-        from .study._report import markdown_table, verdict
-        from .study._runner import arms_of
+        from .study import PRESETS, markdown_table, run_study, verdict
+        from .study._config import arms_of
     except ImportError as e:  # pragma: no cover - missing extra
         print(
             f"the study needs the 'study' extra: pip install -e '.[study]' ({e})",
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
     out = Path(args.out or f"results/{args.preset}")
     if args.report_only:
-        from .study._report import report_from_dir
+        from .study import report_from_dir
 
         paths = report_from_dir(out)
         print(paths["table"].read_text())
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if cfg.name == "demo":
         print(
-            "(the demo preset runs a subset of the methods; `--preset full` runs GA, GradDiff, "
-            "GradDiff-KL, NPO, SimNPO, WGA and IdK-DPO with every arm)"
+            "(the demo preset runs two methods and three arms; `--preset full` runs GA, "
+            "GradDiff, GradDiff-KL, NPO, NPO+GD, SimNPO, WGA and IdK-DPO with every arm)"
         )
     command = "python -m gru_optim.demo " + " ".join(sys.argv[1:] if argv is None else argv)
     records = run_study(cfg, out_dir=out, cache_dir=args.cache_dir, command=command.strip())
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Plot: {out / 'tradeoff.png'}  "
         f"(table: {out / 'table.md'}, records: {out / 'summary.json'})"
     )
-    print(verdict(records))
+    print()
+    print("Summary: " + verdict(records))
     print(f"Wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -1,15 +1,37 @@
-"""Hugging Face ``transformers`` integration (needs the ``hf`` extra:
-``pip install gru-optim[hf]``): :class:`GRUTrainer` runs GRU with any objective of
-:mod:`gru_optim.objectives` on paired forget/retain data."""
+"""Hugging Face ``transformers`` integration (needs the ``hf`` extra, transformers 4.45
+through 5.x; see docs/guides/huggingface.md for installing from a checkout or a wheel).
+
+- :class:`GRUMixin`: GRU for any ``transformers.Trainer`` subclass, listed first among its
+  bases (``class GRUNPO(GRUMixin, NPO): ...``); :func:`with_gru` builds that subclass.
+- :class:`GRUTrainer`: the mixin over the library's objective trainer: GRU with any
+  objective of :mod:`gru_optim.objectives` on paired forget/retain data.
+"""
 
 try:
     import transformers  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "gru_optim.hf needs Hugging Face transformers: install the 'hf' extra, "
-        'pip install "gru-optim[hf]"'
+        "gru_optim.hf needs Hugging Face transformers (4.45 or later): install the 'hf' "
+        'extra with the package, pip install "./gru-optim[hf]" from a checkout (or '
+        '"gru_optim-<version>-py3-none-any.whl[hf]" from a built wheel)'
     ) from e
 
-from ._hf import GRUTrainer, find_gru_optimizer, mean_answer_nll
+from .integrations.hf import (
+    GRUMixin,
+    GRUTrainer,
+    ObjectiveTrainer,
+    find_gru_optimizer,
+    gru_option_names,
+    mean_answer_nll,
+    with_gru,
+)
 
-__all__ = ["GRUTrainer", "find_gru_optimizer", "mean_answer_nll"]
+__all__ = [
+    "GRUMixin",
+    "GRUTrainer",
+    "ObjectiveTrainer",
+    "find_gru_optimizer",
+    "gru_option_names",
+    "mean_answer_nll",
+    "with_gru",
+]

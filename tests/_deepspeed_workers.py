@@ -525,10 +525,9 @@ def hf_case(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     from gru_optim.objectives import get_objective
 
     class Recording(base):  # type: ignore[misc, valid-type]
-        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            batches, n = super().get_batch_samples(*args, **kwargs)
-            self.seen = [*getattr(self, "seen", []), batches]
-            return batches, n
+        def gru_begin_step(self, micro_batches: list[Any]) -> None:
+            self.seen = [*getattr(self, "seen", []), micro_batches]
+            super().gru_begin_step(micro_batches)
 
     def unpad(batch: dict[str, Tensor]) -> list[dict[str, list[int]]]:
         keep = batch["attention_mask"].bool()
@@ -615,7 +614,145 @@ def hf_case(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     return out
 
 
-SUITES: dict[str, Callable[[int, int], dict[str, Any]]] = {"all": all_suite}
+# --------------------------------------------------------------------------- GRUMixin
+def hf_mixin_case(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """2 steps of an open-unlearning-style NPO trainer (tests/_unlearn_trainers.py) with
+    GRUMixin and TrainingArguments(deepspeed=<ZeRO-3>, max_grad_norm=0.3) on both ranks, 2
+    micro-batches each; rank 0 replays them with GRUOptimizer.step(forget_closure,
+    retain_closure) on one process: the forget closure back-propagates the trainer's own
+    compute_loss of every micro-batch of both ranks (each divided by the number of
+    micro-batches of a rank and by the number of ranks, as accumulation and the gradient
+    averaging do), the retain closure the retain NLL normalised like the mixin's."""
+    import copy
+
+    import torch.distributed as dist
+    from _tiny_models import FORGET_AUTHORS, RETAIN_AUTHORS, qa_examples, tiny_model, tiny_tokenizer
+    from _unlearn_trainers import NPO
+    from deepspeed.utils import safe_get_full_fp32_param
+    from transformers import TrainingArguments
+
+    from gru_optim.data import PairedCollator, PairedUnlearningDataset
+    from gru_optim.hf import GRUMixin
+    from gru_optim.objectives import nll_loss, token_mask
+
+    class RecordingGRUNPO(GRUMixin, NPO):  # type: ignore[misc]
+        def gru_begin_step(self, micro_batches: list[Any]) -> None:
+            cpu = [{g: {k: v.cpu() for k, v in b[g].items()} for g in b} for b in micro_batches]
+            self.seen = [*getattr(self, "seen", []), cpu]
+
+    zero3 = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 10**9,
+    }
+    clip = 0.3
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, "mixin"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=0.05,
+        optim="sgd",
+        max_grad_norm=clip,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        remove_unused_columns=False,
+        deepspeed=zero3,
+    )
+    model = tiny_model("gpt2", seed=3)
+    start = copy.deepcopy(model)
+    trainer = RecordingGRUNPO(
+        model=model,
+        args=args,
+        train_dataset=PairedUnlearningDataset(
+            qa_examples(FORGET_AUTHORS)[:4], qa_examples(RETAIN_AUTHORS)
+        ),
+        data_collator=PairedCollator(tiny_tokenizer().pad_token_id),
+        beta=0.5,
+        alpha=0.1,
+        gru_gamma=0.9,
+    )
+    trainer.train()
+    engine = trainer.model_wrapped
+    gru = trainer.gru_optimizer
+    out: dict[str, Any] = {
+        "engine": type(engine).__name__,
+        "stage": int(engine.zero_optimization_stage()),
+        "clip": float(engine.gradient_clipping()),
+        "memory_bytes": gru.memory_bytes,
+        "rectified": bool(gru.last_stats["rectified"]),
+        "average_tokens": bool(getattr(args, "average_tokens_across_devices", False)),
+    }
+    weights = torch.cat([safe_get_full_fp32_param(p).flatten() for p in engine.module.parameters()])
+    out["weights"], out["numel"] = weights, int(weights.numel())
+    out["memory"] = torch.cat([m.flatten() for m in full_memory(gru, engine)])
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, trainer.seen)
+    if rank != 0:
+        return out
+    ref = copy.deepcopy(start)
+    ref.train()
+    opt = GRUOptimizer(torch.optim.SGD(ref.parameters(), lr=0.05), gamma=0.9, max_grad_norm=clip)
+    for s in range(2):
+        per_rank = [gathered[r][s] for r in range(world)]
+        union = [b for micro in per_rank for b in micro]
+
+        def forget_closure(per_rank: list[Any] = per_rank) -> Tensor:
+            total = torch.zeros(())
+            for micro in per_rank:
+                for b in micro:
+                    loss = trainer.compute_loss(ref, b) / (len(micro) * world)
+                    loss.backward()
+                    total = total + loss.detach()
+            return total
+
+        def retain_closure(per_rank: list[Any] = per_rank, union: list[Any] = union) -> Tensor:
+            total = torch.zeros(())
+            for micro in per_rank:
+                # transformers 5 counts the retain tokens over all ranks; 4.45 per rank
+                group = union if out["average_tokens"] else micro
+                n = sum(token_mask(b["retain"]["labels"]).sum() for b in group)
+                scale = 1.0 if out["average_tokens"] else 1.0 / world
+                for b in micro:
+                    r = b["retain"]
+                    logits = ref(
+                        input_ids=r["input_ids"], attention_mask=r["attention_mask"]
+                    ).logits
+                    loss = nll_loss(logits, r["labels"], num_items=n) * scale
+                    loss.backward()
+                    total = total + loss.detach()
+            return total
+
+        opt.zero_grad()
+        opt.step(forget_closure, retain_closure)
+        out.setdefault("conflicts", []).append(bool(opt.last_stats["conflict"]))
+    out["replay_weights"] = torch.cat([p.detach().flatten() for p in ref.parameters()])
+    out["replay_memory"] = torch.cat(
+        [opt.retain_memory(p).flatten() for p in ref.parameters()]  # type: ignore[union-attr]
+    )
+    out["start_weights"] = torch.cat([p.detach().flatten() for p in start.parameters()])
+    return out
+
+
+def mixin_suite(rank: int, world: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp0:
+        tmp = [tmp0]
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(tmp, src=0)
+        return {"mixin": hf_mixin_case(rank, world, tmp[0])}
+
+
+SUITES: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "all": all_suite,
+    "hf_mixin": mixin_suite,
+}
 
 
 # --------------------------------------------------------------------------- spawning

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 # tests of the CPU's C++ passes remove the flag, and torch may import Triton during them.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 if importlib.util.find_spec("triton") is not None:
-    import gru_optim._triton_kernels  # noqa: F401
+    import gru_optim.kernels._triton_kernels  # noqa: F401
 
 settings.register_profile(
     "gru",

@@ -69,7 +69,7 @@ def test_bench_step_quick_writes_table_and_json(tmp_path, monkeypatch):
         "gru_core": True,
         "reference": True,
     }
-    from gru_optim._native import native_reason
+    from gru_optim.kernels import native_reason
 
     assert data["gru_kernels"] == ("cpu" if native_reason() is None else "foreach")
     b = data["bandwidth"]

@@ -968,4 +968,5 @@ def test_import_hf_without_transformers_names_the_extra() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    assert 'pip install "gru-optim[hf]"' in out
+    # the package is on no registry: the message says how to install it from a checkout
+    assert "the 'hf' extra" in out and 'pip install "./gru-optim[hf]"' in out

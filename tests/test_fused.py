@@ -2,7 +2,7 @@
 layouts, and the optimizer end to end, for both implementations of their contract (the
 ``kernels`` fixture): the Triton kernels a GPU runs, on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``, set by conftest.py), and the CPU's compiled C++
-passes (gru_optim/_native.py; the interpreter flag removed for the test)."""
+passes (gru_optim/kernels/_native.py; the interpreter flag removed for the test)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gru_optim import GRUOptimizer, SkipReason
-from gru_optim import _fused as FU
-from gru_optim._native import native_reason
 from gru_optim.functional import ema_update_, project_, segment_stats, tensor_sq_norms
+from gru_optim.kernels import _triton as FU
+from gru_optim.kernels import native_reason, triton_reason
 
 
 def test_the_interpreter_is_available() -> None:
     # make test installs the triton extra and conftest.py sets TRITON_INTERPRET=1: the
     # tests below run the real kernels (they are never skipped).
-    assert FU.fused_reason(torch.device("cpu")) is None
+    assert triton_reason(torch.device("cpu")) is None
 
 
 def test_the_cpu_kernels_are_built() -> None:

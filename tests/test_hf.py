@@ -5,6 +5,7 @@ Everything is built offline (see ``tests/_tiny_models.py``); nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -33,6 +34,12 @@ from gru_optim.hf import GRUTrainer, find_gru_optimizer, mean_answer_nll
 from gru_optim.objectives import OBJECTIVES, get_objective, nll_loss
 
 PAD = tiny_tokenizer().pad_token_id
+# transformers 5 renamed gradient checkpointing (TrainingArguments and the model's flag)
+CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 # peft (0.21) reads transformers 5's deprecated ``is_gradient_checkpointing`` when it
 # wraps a model; a mark (unlike the ini option) also holds under ``pytest -W error``.
@@ -320,7 +327,19 @@ def test_idk_dpo_prefers_the_refusal(tmp_path: Path) -> None:
     assert np.isfinite(metrics["eval_loss"])
 
 
-def test_checkpoint_resume_gives_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_checkpoint_resume_gives_the_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inspect
+
+    from transformers import Trainer
+
+    old_rng_load = "weights_only" not in inspect.getsource(Trainer._load_rng_state)
+    if old_rng_load:
+        # transformers 4.45 reads the checkpoint's RNG state (numpy arrays) with a bare
+        # torch.load, which torch >= 2.6 refuses (weights_only=True by default): any
+        # Trainer's resume needs torch's switch there (docs/guides/checkpoints.md).
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     forget, retain = forget_retain()
 
     def run(out: Path, resume: str | None = None) -> GRUTrainer:
@@ -333,7 +352,12 @@ def test_checkpoint_resume_gives_the_uninterrupted_run(tmp_path: Path) -> None:
             processing_class=tiny_tokenizer(),
             objective="npo",
         )
-        trainer.train(resume_from_checkpoint=resume)
+        with (
+            pytest.warns(UserWarning, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+            if resume and old_rng_load
+            else contextlib.nullcontext()
+        ):
+            trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     full = run(tmp_path / "a")
@@ -364,7 +388,13 @@ def test_lora_adapters_carry_the_memory_with_activation_checkpointing(tmp_path: 
         trainer = GRUTrainer(
             model=model,
             args=training_args(
-                out, max_steps=4, learning_rate=5e-2, activation_checkpointing=checkpointing
+                out,
+                max_steps=4,
+                learning_rate=5e-2,
+                **{CHECKPOINTING: checkpointing},
+                # transformers 4.45 checkpoints with reentrant autograd by default, under
+                # which the LoRA weights of a frozen model's layers get no gradient
+                **{f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
             ),
             train_dataset=PairedUnlearningDataset(forget, retain),
             processing_class=tiny_tokenizer(),
@@ -372,7 +402,7 @@ def test_lora_adapters_carry_the_memory_with_activation_checkpointing(tmp_path: 
         )
         assert trainer.ref_model is None  # no copy of the model
         trainer.train()
-        assert model.get_base_model().is_activation_checkpointing is checkpointing
+        assert getattr(model.get_base_model(), f"is_{CHECKPOINTING}") is checkpointing
         return trainer
 
     forget, retain = forget_retain()
@@ -471,10 +501,9 @@ def _ddp_worker(out_dir: str) -> None:
     import torch.distributed as dist
 
     class Recording(GRUTrainer):
-        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            batches, n = super().get_batch_samples(*args, **kwargs)
-            self.seen = [*getattr(self, "seen", []), batches]
-            return batches, n
+        def gru_begin_step(self, micro_batches: list[Any]) -> None:
+            self.seen = [*getattr(self, "seen", []), micro_batches]
+            super().gru_begin_step(micro_batches)
 
     def unpad(batch: dict[str, torch.Tensor]) -> list[dict[str, list[int]]]:
         keep = batch["attention_mask"].bool()
@@ -517,18 +546,28 @@ def _ddp_worker(out_dir: str) -> None:
     opt = GRUOptimizer(torch.optim.SGD(start.parameters(), lr=0.05))
     collate = PairedCollator(PAD)
     start.train()
+    # transformers 5 normalises by the counts of both ranks (average_tokens_across_devices):
+    # the union batch; 4.45 by each rank's own counts, then DDP averages the ranks.
+    union = getattr(trainer.args, "average_tokens_across_devices", False)
     for s in range(2):
-        batch = collate(gathered[0][0][s] + gathered[1][0][s])
+        parts = [gathered[0][0][s] + gathered[1][0][s]] if union else [g[0][s] for g in gathered]
+        batches = [collate(p) for p in parts]
 
-        def forget_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
-            loss = obj.model_loss(start, batch["forget"], batch["retain"], ref_model=ref)
-            loss.backward()
-            return loss
+        def forget_closure(batches: list[dict[str, Any]] = batches) -> torch.Tensor:
+            total = torch.zeros(())
+            for batch in batches:
+                loss = obj.model_loss(start, batch["forget"], batch["retain"], ref_model=ref)
+                (loss / len(batches)).backward()
+                total = total + loss.detach() / len(batches)
+            return total
 
-        def retain_closure(batch: dict[str, Any] = batch) -> torch.Tensor:
-            loss = start(**batch["retain"]).loss
-            loss.backward()
-            return loss
+        def retain_closure(batches: list[dict[str, Any]] = batches) -> torch.Tensor:
+            total = torch.zeros(())
+            for batch in batches:
+                loss = start(**batch["retain"]).loss
+                (loss / len(batches)).backward()
+                total = total + loss.detach() / len(batches)
+            return total
 
         opt.zero_grad()
         opt.step(forget_closure, retain_closure)

@@ -1,21 +1,27 @@
-"""The CPU's compiled passes (gru_optim/_native.py) beyond what test_fused.py compares for
-both implementations: sizes across the threading and chunk boundaries, results that do
-not depend on the number of threads, exact float64 sums over the whole float32 range,
-non-finite inputs, one call per pass, and the fallback where no compiler is found."""
+"""The CPU's compiled passes (gru_optim/kernels/_native.py) beyond what test_fused.py
+compares for both implementations: sizes across the threading and chunk boundaries,
+results that do not depend on the number of threads, exact float64 sums over the whole
+float32 range, non-finite inputs, one call per pass, and the fallback (with its warning)
+where no compiler is found or the build fails, also through a compiler launcher in
+``CXX``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import gru_optim
 from gru_optim import GRUOptimizer
-from gru_optim import _native as NA
+from gru_optim.kernels import KernelFallbackWarning
+from gru_optim.kernels import _dispatch as dispatch
+from gru_optim.kernels import _native as NA
 
-CHUNK = 1 << 15  # kChunk in _csrc/gru_cpu.cpp
+CHUNK = 1 << 15  # kChunk in kernels/csrc/gru_cpu.cpp
 SIZES = [1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7, 0, 200_003]
 DTYPES = [
     (torch.float32, torch.float32),
@@ -237,50 +243,119 @@ def test_refuses_what_it_cannot_take() -> None:
 
 
 def test_the_build_is_cached(tmp_path, monkeypatch) -> None:
-    first = NA._build(NA._compiler())  # type: ignore[arg-type]
+    first = NA._build(NA._compiler()[0])  # type: ignore[arg-type]
     assert first.exists() and first.name.startswith("gru_cpu-")
     mtime = first.stat().st_mtime_ns
-    assert NA._build(NA._compiler()) == first  # type: ignore[arg-type]
+    assert NA._build(NA._compiler()[0]) == first  # type: ignore[arg-type]
     assert first.stat().st_mtime_ns == mtime  # found, not rebuilt
 
 
-def _subprocess(env_extra: dict[str, str]) -> str:
+def _subprocess(env_extra: dict[str, str]) -> tuple[str, str]:
+    """Two default optimizers built in a fresh process (every warning shown, so that a
+    second warning would show): ``(stdout, stderr)``, stdout giving the path that runs
+    and the kernels' reason."""
     code = (
+        "import warnings\nwarnings.simplefilter('always')\n"
         "import torch\nfrom gru_optim import GRUOptimizer\n"
-        "from gru_optim._native import native_reason\n"
+        "from gru_optim.kernels import native_reason\n"
         "p = torch.nn.Parameter(torch.zeros(3))\n"
         "opt = GRUOptimizer(torch.optim.SGD([p], lr=0.1))\n"
+        "GRUOptimizer(torch.optim.SGD([p], lr=0.1))\n"
         "print(opt.kernels)\nprint(native_reason())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_extra)
-    return subprocess.run(
+    res = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    ).stdout
+    )
+    return res.stdout, res.stderr
 
 
-def test_without_a_compiler_the_foreach_path_runs(tmp_path) -> None:
-    out = _subprocess({"CXX": str(tmp_path / "no-such-compiler"), "GRU_OPTIM_CACHE": str(tmp_path)})
-    assert out.splitlines() == [
-        "foreach",
-        "no C++ compiler found (set CXX) to build the CPU kernels",
-    ]
+def _warned_once(err: str, reason: str) -> bool:
+    """Whether ``err`` holds exactly one KernelFallbackWarning, and it gives ``reason``."""
+    lines = [ln for ln in err.splitlines() if "KernelFallbackWarning" in ln]
+    return len(lines) == 1 and reason in lines[0]
+
+
+def test_without_a_compiler_the_foreach_path_runs_and_warns_once(tmp_path) -> None:
+    cxx = str(tmp_path / "no-such-compiler")
+    out, err = _subprocess({"CXX": cxx, "GRU_OPTIM_CACHE": str(tmp_path)})
+    reason = f"the C++ compiler CXX={cxx!r} was not found"
+    assert out.splitlines() == ["foreach", reason]
+    assert _warned_once(err, reason), err
+
+
+def test_a_missing_launcher_in_cxx_is_named(tmp_path) -> None:
+    # CXX='ccache c++' is split as a shell would: the launcher is what is missing.
+    cxx = "no-such-launcher-gru c++"
+    out, err = _subprocess({"CXX": cxx, "GRU_OPTIM_CACHE": str(tmp_path)})
+    reason = f"the compiler launcher 'no-such-launcher-gru' of CXX={cxx!r} was not found"
+    assert out.splitlines() == ["foreach", reason]
+    assert _warned_once(err, reason), err
+
+
+def _launcher(tmp_path) -> tuple[str, object]:
+    """A compiler launcher (as ccache is) that records its calls and runs the command."""
+    log = tmp_path / "launcher.log"
+    launcher = tmp_path / "launch"
+    launcher.write_text(f'#!/bin/sh\necho "$1" >> "{log}"\nexec "$@"\n')
+    launcher.chmod(0o755)
+    return str(launcher), log
+
+
+def test_a_launcher_in_cxx_builds_the_cpu_kernels(tmp_path) -> None:
+    launcher, log = _launcher(tmp_path)
+    out, err = _subprocess({"CXX": f"{launcher} c++", "GRU_OPTIM_CACHE": str(tmp_path)})
+    assert out.splitlines() == ["cpu", "None"]
+    assert "KernelFallbackWarning" not in err
+    assert "c++" in log.read_text().split()  # type: ignore[attr-defined]
+    assert list(tmp_path.glob("gru_cpu-*.so"))
 
 
 def test_a_failing_build_says_why_and_the_foreach_path_runs(tmp_path) -> None:
     fake = tmp_path / "cxx"
     fake.write_text("#!/bin/sh\necho 'fake compiler: broken' >&2\nexit 1\n")
     fake.chmod(0o755)
-    out = _subprocess({"CXX": str(fake), "GRU_OPTIM_CACHE": str(tmp_path)})
-    kernels, reason = out.splitlines()
-    assert kernels == "foreach"
-    assert "could not be built" in reason and "fake compiler: broken" in reason
-    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+    launcher, _ = _launcher(tmp_path)
+    for cxx in (str(fake), f"{launcher} {fake}"):
+        out, err = _subprocess({"CXX": cxx, "GRU_OPTIM_CACHE": str(tmp_path)})
+        kernels, reason = out.splitlines()
+        assert kernels == "foreach"
+        assert reason.startswith(f"the CPU kernels could not be built: {cxx} failed")
+        assert "fake compiler: broken" in reason
+        assert _warned_once(err, "fake compiler: broken"), err
+        assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
 
 
-def test_turned_off_by_the_environment() -> None:
-    out = _subprocess({"GRU_OPTIM_NATIVE": "0"})
+def test_turned_off_by_the_environment_without_a_warning() -> None:
+    out, err = _subprocess({"GRU_OPTIM_NATIVE": "0"})
     assert out.splitlines() == ["foreach", "the CPU kernels are turned off (GRU_OPTIM_NATIVE=0)"]
+    assert "KernelFallbackWarning" not in err  # asked for: nothing to warn about
+
+
+def test_the_fallback_warns_once_and_only_where_the_cpu_kernels_were_expected(
+    monkeypatch,
+) -> None:
+    assert gru_optim.KernelFallbackWarning is KernelFallbackWarning  # exported at the top
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "native_reason", lambda: "no compiler here")
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+
+    def make(**kw) -> GRUOptimizer:
+        p = torch.nn.Parameter(torch.zeros(3))
+        return GRUOptimizer(torch.optim.SGD([p], lr=0.1), **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # Not expected: foreach asked for, or a rule without a fused form.
+        for kw in ({"fused": False}, {"directions": 2}, {"space": "update"}):
+            assert make(**kw).kernels == "foreach"
+    with pytest.warns(KernelFallbackWarning, match="unavailable: no compiler here") as rec:
+        assert make().kernels == "foreach"
+    assert len(rec) == 1 and rec[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make().kernels == "foreach"  # once per process and reason
 
 
 def test_default_cpu_training_runs_the_cpu_kernels_and_matches_foreach(monkeypatch) -> None:

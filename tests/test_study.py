@@ -20,24 +20,32 @@ from gru_optim.study import (
     ModelConfig,
     StudyConfig,
     TrainConfig,
+    at_step,
     build_model,
+    comparisons,
+    crossing,
     encode_qa,
     forget_quality,
     forget_truth_ratio,
+    front_area,
     generate_corpus,
     harmonic_mean,
-    hypervolume,
+    holm,
     load_tofu,
     mia_auc,
     min_k,
     min_k_plus_plus,
+    noise_floor,
     option_probability,
+    paired_test,
     privleak,
     report_from_dir,
     run_study,
+    seed_outcomes,
     train_tokenizer,
     truth_ratio,
     truth_score,
+    verdict,
     write_corpus,
 )
 from gru_optim.study._lm import encode_prompts
@@ -384,181 +392,305 @@ def test_tofu_mode_takes_paraphrases_on_forget_and_retain_only(tmp_path) -> None
         Evaluator(tok, data, reference="paraphrased")
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- statistics
+
+
+def test_front_area_of_interpolated_trajectories_by_hand() -> None:
+    assert front_area([0.5], [0.8]) == pytest.approx(0.4)  # one point: its rectangle
+    # the segment from (1, 0) to (0, 1) dominates the triangle under it
+    assert front_area([1.0, 0.0], [0.0, 1.0]) == pytest.approx(0.5)
+    # (1, 0.5) -> (0.5, 1): the rectangle [0, 0.5] x [0, 1] and the trapezoid under the
+    # segment, 0.5 + 0.375; the two checkpoints alone would give 0.75
+    assert front_area([1.0, 0.5], [0.5, 1.0]) == pytest.approx(0.875)
+    # a segment that improves both: only its best end counts
+    assert front_area([0.2, 0.8], [0.2, 0.8]) == pytest.approx(0.64)
+    # against a fine grid for a random polyline
+    rng = np.random.default_rng(0)
+    xs, ys = rng.uniform(0, 1, 6), rng.uniform(0, 1, 6)
+    t = np.linspace(0, 1, 4001)
+    px = np.concatenate([x0 + (x1 - x0) * t for x0, x1 in zip(xs[:-1], xs[1:])])
+    py = np.concatenate([y0 + (y1 - y0) * t for y0, y1 in zip(ys[:-1], ys[1:])])
+    grid = np.linspace(0, 1, 4001)
+    env = [py[px >= g].max() if (px >= g).any() else 0.0 for g in grid]
+    assert front_area(xs, ys) == pytest.approx(np.trapezoid(env, grid), abs=2e-3)
+
+
+def test_crossing_and_interpolation_between_evaluations() -> None:
+    steps = [0, 5, 10]
+    assert crossing(steps, [1.0, 0.5, 0.0], 0.1) == pytest.approx(9.0)  # 5 + 5 * 0.4 / 0.5
+    assert crossing(steps, [1.0, 0.5, 0.3], 0.1) is None
+    assert crossing(steps, [0.05, 0.5, 0.3], 0.1) == 0.0
+    assert crossing(steps, [-4.0, -2.0, 0.0], -1.0, below=False) == pytest.approx(7.5)
+    assert at_step(steps, [0.8, 0.6, 0.2], 7.5) == pytest.approx(0.4)
+
+
+def test_paired_test_by_hand_and_against_scipy() -> None:
+    from scipy import stats
+
+    t = paired_test([1.0, 2.0, 3.0])  # mean 2, sd 1, se 1/sqrt(3), 2 degrees of freedom
+    assert (t.n, t.mean) == (3, 2.0)
+    half = 4.302652729911275 / math.sqrt(3)
+    assert (t.low, t.high) == pytest.approx((2 - half, 2 + half))
+    assert t.p == pytest.approx(2 * stats.t.sf(2 * math.sqrt(3), 2))
+    a = np.array([0.61, 0.55, 0.70, 0.64, 0.58])
+    b = np.array([0.52, 0.56, 0.61, 0.60, 0.50])
+    t = paired_test(list(a - b))
+    ref = stats.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    assert t.p == pytest.approx(ref.pvalue) and (t.low, t.high) == pytest.approx((ci.low, ci.high))
+    assert paired_test([0.0, 0.0, 0.0]).p == 1.0  # identical arms: nothing to find
+    assert paired_test([0.1, 0.1]).p == 0.0 and paired_test([0.1, 0.1]).low == 0.1
+    assert math.isnan(paired_test([0.3]).p) and paired_test([]).n == 0
+
+
+def test_holm_by_hand() -> None:
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.5
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    out = holm([0.2, math.nan, 0.01])  # NaN: untested, not counted
+    assert math.isnan(out[1]) and out[0] == pytest.approx(0.2) and out[2] == pytest.approx(0.02)
+    assert holm([0.6, 0.7]) == [1.0, 1.0]
 
 
 def _rec(
-    method: str, arm: str, seed: int, step: int, mu: float, fq: float, fp: float
+    method: str, arm: str, seed: int, step: int, lr: float = 0.0, **m: float
 ) -> dict[str, Any]:
+    """A record; ``m``: held-out metrics, ``val=`` shifts the validation ones."""
+    shift = m.pop("val", 0.0)
+    base = {"model_utility": 1.0, "forget_quality": 1e-4, "forget_prob": 1.0, **m}
     return {
-        "method": method,
-        "arm": arm,
-        "gru": arm != "plain",
-        "seed": seed,
-        "lr": 1e-3 if method not in ("target", "oracle") else 0.0,
-        "step": step,
-        "model_utility": mu,
-        "forget_quality": fq,
-        "forget_prob": fp,
-        **{
-            k: 0.5
-            for k in ("retain_prob", "forget_rouge", "forget_truth_ratio", "mia_auc", "privleak")
-        },
-    }
+        "method": method, "arm": arm, "gru": arm not in ("plain", ""), "seed": seed,
+        "index": m.get("index", 0), "lr": lr, "step": step, **base,
+        **{f"val_{k}": v + (shift if k == "model_utility" else 0.0) for k, v in base.items()},
+        **{k: 0.5 for k in ("retain_prob", "forget_rouge", "forget_truth_ratio", "mia_auc")},
+        "privleak": 0.5,
+    }  # fmt: skip
 
 
-def test_hypervolume_by_hand() -> None:
-    assert hypervolume([(1.0, 0.5)]) == pytest.approx(0.5)
-    # union of [0,1]x[0,0.5] and [0,0.5]x[0,1] = 0.5 + 0.5*0.5
-    assert hypervolume([(1.0, 0.5), (0.5, 1.0), (0.4, 0.4)]) == pytest.approx(0.75)
+def _toy_study() -> list[dict[str, Any]]:
+    """4 seeds; per seed a target (utility 1, forget probability 1), two oracles 0.02
+    apart in utility; GA plain, GRU (+0.2 at matched forgetting, every seed),
+    cos-clip (the very numbers of GRU) and update (+0.01: below the noise floor) at two
+    learning rates; the validation halves prefer lr 1e-3, the held-out ones 2e-3."""
+    recs = []
+    for s in range(4):
+        recs.append(_rec("target", "", s, 0))
+        recs.append({**_rec("oracle", "", s, 0, model_utility=1.0, forget_prob=0.01,
+                            forget_quality=1.0), "index": 0})  # fmt: skip
+        recs.append({**_rec("oracle", "", s, 0, model_utility=0.98, forget_prob=0.01,
+                            forget_quality=0.5), "index": 1})  # fmt: skip
+        for arm, gain in (("plain", 0.0), ("GRU", 0.2), ("cos-clip", 0.2), ("update", 0.01)):
+            for lr, val in ((1e-3, 0.1), (2e-3, -0.1)):
+                g = gain + 0.001 * s if arm == "GRU" or arm == "cos-clip" else gain
+                for step, fp, mu in ((0, 1.0, 1.0), (5, 0.5, 0.6 + g), (10, 0.0, 0.2 + g)):
+                    mu_t = mu + (0.05 if lr == 2e-3 and step else 0.0)
+                    recs.append(_rec("GA", arm, s, step, lr, model_utility=mu_t, forget_prob=fp,
+                                     forget_quality=1e-4 if step < 10 else 0.2,
+                                     val=val if step else 0.0))  # fmt: skip
+    return recs
 
 
-def test_fronts_noise_floor_and_verdict_by_hand() -> None:
-    from gru_optim.study import compare_fronts, noise_floor, pareto_table
-    from gru_optim.study._report import verdict
+def test_selection_on_validation_and_matched_forgetting() -> None:
+    out = seed_outcomes(_toy_study())
+    o = out[("GA", "plain", 0)]["mu_fp10"]
+    # validation prefers lr 1e-3; its validation forget probability reaches 0.1 at step 9,
+    # where the held-out utility interpolates 0.6 -> 0.2 to 0.28 (not lr 2e-3's 0.33)
+    assert (o.lr, o.step) == (1e-3, pytest.approx(9.0))
+    assert o.value == pytest.approx(0.28)
+    assert out[("GA", "GRU", 2)]["mu_fp10"].value == pytest.approx(0.28 + 0.202)
+    # forget quality reaches 0.05 between steps 5 (1e-4) and 10 (0.2), in log10
+    fq = out[("GA", "plain", 0)]["mu_fq"]
+    frac = (math.log10(0.05) + 4) / (math.log10(0.2) + 4)
+    assert fq.step == pytest.approx(5 + 5 * frac)
 
-    records = [
-        _rec("target", "", 0, 0, 1.0, 1e-4, 1.0),
-        _rec("oracle", "", 0, 0, 1.0, 1.0, 0.0),
-        _rec("oracle", "", 1, 0, 1.0, 1.0, 0.0),  # hypervolume 1 on both fronts
-        _rec("oracle", "", 2, 0, 0.9, 1.0, 0.0),  # 0.9 on both fronts
-    ]
-    for seed in (0, 1):
-        # plain: one checkpoint at utility 0.5, forget quality 1e-2 (score 0.5), fp 0.5
-        records.append(_rec("GA", "plain", seed, 10, 0.5, 1e-2, 0.5))
-        # GRU: utility 0.8 at the same forgetting; GRU-k: as plain
-        records.append(_rec("GA", "GRU", seed, 10, 0.8, 1e-2, 0.5))
-        records.append(_rec("GA", "GRU-k", seed, 10, 0.5 + 0.01 * seed, 1e-2, 0.5))
-    pt = {r["arm"]: r for r in pareto_table(records)}
-    assert pt["plain"]["hv_fq_mean"] == pytest.approx(0.25)
-    assert pt["GRU"]["hv_fp_mean"] == pytest.approx(0.4)
-    floor = noise_floor(records)
-    assert floor == pytest.approx(
-        {"fq": np.std([1.0, 0.9], ddof=1), "fp": np.std([1.0, 0.9], ddof=1)}
-    )
-    cmp = compare_fronts(records)
-    assert cmp["GA"]["GRU"] == {"fq": "better", "fp": "better"}
-    assert cmp["GA"]["GRU-k"] == {"fq": "tie", "fp": "tie"}
-    # a gain smaller than the noise floor (0.0707) but above 2 SE and 0.02 is a tie
-    records += [_rec("GA", "update", s, 10, 0.6, 1e-2, 0.5) for s in (0, 1)]
-    assert compare_fronts(records)["GA"]["update"] == {"fq": "tie", "fp": "tie"}
-    s = verdict(records)
-    assert "GRU improves the trade-off on both fronts for GA" in s
-    assert "GRU-k improves it on neither for GA" in s
-    assert "update-space GRU improves it on neither for GA" in s
-    assert "noise floor (FQ 0.071, FP 0.071)" in s and s.count(".") >= 1
-    assert "no checkpoint reaches the oracles' region" in s
+
+def test_comparisons_noise_floor_and_verdict_by_hand() -> None:
+    recs = _toy_study()
+    floor = noise_floor(recs)
+    assert floor is not None and floor["mu_fp10"] == pytest.approx(0.02)
+    cmps = {(c.arm, c.stat): c for c in comparisons(recs)}
+    assert ("cos-clip", "mu_fp10") not in cmps  # the same numbers as GRU: one arm
+    g = cmps[("GRU", "mu_fp10")]
+    assert g.diffs == pytest.approx({s: 0.2 + 0.001 * s for s in range(4)})
+    assert g.test.n == 4 and g.call == "better" and g.p_holm < 0.05
+    ref = paired_test([0.2 + 0.001 * s for s in range(4)])
+    tested = [c for c in cmps.values() if not math.isnan(c.p_holm)]
+    assert g.p_holm == pytest.approx(min(1.0, holm([c.test.p for c in tested])[tested.index(g)]))
+    assert g.test.p == pytest.approx(ref.p)
+    u = cmps[("update", "mu_fp10")]
+    assert u.test.p == 0.0 and u.test.mean == pytest.approx(0.01)
+    assert u.call == "not shown"  # significant, but inside the 0.02 noise floor
+    text = verdict(recs)
+    assert "GRU raises GA's model utility at forget probability <= 0.1 by 0.201 (95% CI" in text
+    assert "and front area (forget quality) by 0.166" in text
+    assert "cos-clip GRU produced the same numbers as GRU in every run of GA" in text
+    assert "0.020 in model utility" in text and "held-out halves" in text
+    assert "update-space GRU raises" not in text
+    assert text.count("cos-clip") == 1
+
+
+def test_readme_results_paragraph_is_generated_from_the_published_records() -> None:
+    """The README's results paragraph is :func:`verdict` of the published per-run records
+    (regenerate it with ``python -m gru_optim.study.rederive``)."""
+    from pathlib import Path
+
+    from gru_optim.study.rederive import paragraph
+
+    root = Path(__file__).resolve().parents[1]
+    records = json.loads((root / "docs/results/study_full/summary.json").read_text())
+    text = paragraph(records, "docs/results/study_full/summary.json")
+    assert text in (root / "README.md").read_text()
+    assert "no validation metrics" in text and "Holm" in text
+
+
+def test_rederive_writes_the_readme_block_and_refuses_a_page_without_one(tmp_path) -> None:
+    from gru_optim.study.rederive import END, START, write_readme
+
+    page = tmp_path / "README.md"
+    page.write_text(f"# t\n\n{START}\nold words\n{END}\n\nafter\n")
+    write_readme(page, "new words")
+    assert page.read_text() == f"# t\n\n{START}\nnew words\n{END}\n\nafter\n"
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no block\n")
+    with pytest.raises(ValueError, match="no <!-- study-results"):
+        write_readme(bare, "x")
+    assert bare.read_text() == "# no block\n"
 
 
 # --------------------------------------------------------------------------- end to end
 
 REQUIRED = {
-    "method",
-    "arm",
-    "gru",
-    "seed",
-    "lr",
-    "step",
-    "forget_quality",
-    "model_utility",
-    "forget_prob",
-    "retain_prob",
-    "mia_auc",
-    "privleak",
-    "ks_stat",
-    "ks_n",
-    "ks_n_oracle",
-    "mia_auc_loss",
-    "mia_auc_minkpp",
-    "forget_rouge",
-    "forget_truth_ratio",
-    *UTILITY_KEYS,
-}
+    "method", "arm", "gru", "seed", "lr", "step", "forget_quality", "model_utility",
+    "forget_prob", "retain_prob", "mia_auc", "privleak", "ks_stat", "ks_n", "ks_n_oracle",
+    "mia_auc_loss", "mia_auc_minkpp", "forget_rouge", "forget_truth_ratio",
+    "val_model_utility", "val_forget_prob", "val_forget_quality", *UTILITY_KEYS,
+}  # fmt: skip
+
+
+def test_halves_are_disjoint_and_cut_every_per_row_result() -> None:
+    from gru_optim.study._halves import halves, take
+
+    parts = halves({"forget": 7, "holdout": 1}, seed=3)
+    f = parts["forget"]
+    assert len(f["val"]) == 3 and len(f["test"]) == 4
+    assert sorted([*f["val"], *f["test"]]) == list(range(7))
+    assert (
+        len(parts["holdout"]["val"]) == 0
+        and halves({"forget": 7}, 3)["forget"]["val"].tolist() == f["val"].tolist()
+    )
+    raw = {
+        "forget": {
+            "answer": SequenceScores(np.arange(7.0), np.arange(7.0), np.arange(7.0)),
+            "rouge": np.arange(7.0) / 10,
+            "generated": [str(i) for i in range(7)],
+        },
+        "holdout": {"answer": SequenceScores(np.zeros(1), np.zeros(1), np.zeros(1))},
+    }
+    val = take(raw, parts, "val")
+    assert "holdout" not in val  # an empty half: left out
+    assert val["forget"]["answer"].logp.tolist() == f["val"].tolist()
+    assert val["forget"]["generated"] == [str(i) for i in f["val"]]
+
+
+def test_split_seed_redraws_the_forget_authors_only() -> None:
+    base = CorpusConfig(n_authors=20, n_facts=2)
+    a, b = generate_corpus(base), generate_corpus(replace(base, split_seed=1))
+    assert {r["author"] for r in a["forget10"]} != {r["author"] for r in b["forget10"]}
+    assert sorted(r["question"] for r in a["full"] + a["holdout10"]) == sorted(
+        r["question"] for r in b["full"] + b["holdout10"]
+    )
+    assert a["world_facts"] == b["world_facts"] and a["real_authors"] == b["real_authors"]
 
 
 def test_arms_and_presets() -> None:
     assert METHOD_ARMS["GradDiff-KL"] == ("plain", "+KL")
-    assert METHOD_ARMS["GA"] == ("plain", "GRU", "GRU-k", "update", "cos-clip")
+    assert METHOD_ARMS["NPO+GD"] == ("plain", "GRU", "GRU-k", "update", "cos-clip")
     full = PRESETS["full"]
-    assert set(full.methods) >= {"GA", "GradDiff", "GradDiff-KL", "NPO", "SimNPO", "WGA"}
-    assert set(full.arms) == set(ARMS)
-    assert len(full.runs()) == 3 * 3 * (5 * (len(full.methods) - 1) + 2)
+    assert set(full.methods) >= {"GA", "GradDiff", "GradDiff-KL", "NPO", "NPO+GD", "SimNPO"}
+    assert set(full.arms) == set(ARMS) and full.resplit and full.n_oracles == 2
+    assert (len(full.seeds), full.eval_every) == (5, 5)
+    assert len(full.runs()) == 3 * 5 * (5 * (len(full.methods) - 1) + 2)
+    large = PRESETS["large"]
+    n_params = sum(p.numel() for p in build_model(large.model, 0).parameters())
+    assert n_params >= 1_000_000 and set(large.methods) == {"GA", "NPO", "NPO+GD"}
+    assert (len(large.seeds), large.eval_every, len(large.lrs)) == (5, 5, 2)
+    demo = PRESETS["demo"]
+    assert len(demo.seeds) >= 3 and demo.eval_every == 5
+    # forget quality is a KS test on the held-out half of the forget set: 15 rows, not 3
+    assert demo.corpus.split_sizes()["forget10"] * demo.corpus.n_facts // 2 >= 15
     with pytest.raises(ValueError, match="unknown arm"):
         StudyConfig(arms=("GRU-9",))
     with pytest.raises(ValueError, match="oracle_paths"):
         StudyConfig(model_path="some/model")
 
 
-def test_micro_study_end_to_end(tmp_path) -> None:
-    cfg = replace(
+def _micro(**kw: Any) -> StudyConfig:
+    return replace(
         PRESETS["demo"],
         name="micro",
-        corpus=CorpusConfig(n_authors=10, n_facts=3, n_perturbed=2, n_world=4),
-        model=ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64),
+        corpus=CorpusConfig(n_authors=10, n_facts=4, n_perturbed=2, n_world=4),
+        model=ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=128),
         train=TrainConfig(epochs=3, batch_size=16, lr=1e-2),
-        methods=("GA", "GradDiff-KL", "IdK-DPO"),
-        arms=("plain", "GRU", "GRU-k", "+KL"),
+        methods=("GA", "GradDiff-KL", "IdK-DPO", "NPO+GD"),
+        arms=("plain", "GRU", "+KL"),
         lrs=(1e-3,),
-        seeds=(0,),
+        seeds=(0, 1),
         steps=2,
         eval_every=1,
-        n_oracles=3,
+        n_oracles=2,
+        resplit=True,
         generation_max_length=40,
+        **kw,
     )
-    assert isinstance(cfg, StudyConfig)
+
+
+def test_micro_study_end_to_end_and_resumable(tmp_path) -> None:
+    cfg = _micro()
     out = tmp_path / "out"
     records = run_study(cfg, out_dir=out, cache_dir=tmp_path / "cache", log=lambda s: None)
     runs = [r for r in records if r["method"] not in ("target", "oracle")]
     pairs = {(r["method"], r["arm"]) for r in runs}
     assert pairs == {
-        ("GA", "plain"),
-        ("GA", "GRU"),
-        ("GA", "GRU-k"),
-        ("GradDiff-KL", "plain"),
-        ("GradDiff-KL", "+KL"),
-        ("IdK-DPO", "plain"),
-        ("IdK-DPO", "GRU"),
-        ("IdK-DPO", "GRU-k"),
-    }
-    assert len(runs) == len(pairs) * 3  # checkpoints 0, 1, 2
+        ("GA", "plain"), ("GA", "GRU"), ("GradDiff-KL", "plain"), ("GradDiff-KL", "+KL"),
+        ("IdK-DPO", "plain"), ("IdK-DPO", "GRU"), ("NPO+GD", "plain"), ("NPO+GD", "GRU"),
+    }  # fmt: skip
+    assert len(runs) == len(pairs) * 2 * 3  # 2 seeds, evaluations at steps 0, 1, 2
     for r in records:
         assert REQUIRED <= r.keys()
-        assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["mia_auc"] <= 1.0
-        assert 0.0 <= r["model_utility"] <= 1.0
-    oracle = next(r for r in records if r["method"] == "oracle" and r["seed"] == 0)
-    assert oracle["privleak"] == pytest.approx(0.0) and oracle["forget_quality"] == 1.0
-    # unlearning changed the model, and the arms differ from plain
-    target = next(r for r in records if r["method"] == "target")
-    last = {(r["method"], r["arm"]): r for r in runs if r["step"] == 2}
-    assert all(r["forget_prob"] != target["forget_prob"] for r in last.values())
-    assert (
-        last[("GradDiff-KL", "+KL")]["forget_prob"] != last[("GradDiff-KL", "plain")]["forget_prob"]
-    )
-    assert last[("IdK-DPO", "GRU-k")]["forget_prob"] != last[("IdK-DPO", "plain")]["forget_prob"]
-    saved = json.loads((out / "summary.json").read_text())
-    assert len(saved) == len(records)
-    for name in ("summary.csv", "table.md", "tradeoff.png", "meta.json"):
+        assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
+    # each seed has its own target (another initialisation, another split) and oracles
+    targets = {r["seed"]: r for r in records if r["method"] == "target"}
+    assert set(targets) == {0, 1} and targets[0]["forget_prob"] != targets[1]["forget_prob"]
+    ref = [r for r in records if r["method"] == "oracle" and r["index"] == 0]
+    assert len(ref) == 2 and all(r["forget_quality"] == 1.0 for r in ref)
+    last = {(r["method"], r["arm"], r["seed"]): r for r in runs if r["step"] == 2}
+    assert all(r["forget_prob"] != targets[r["seed"]]["forget_prob"] for r in last.values())
+    assert last[("NPO+GD", "GRU", 0)]["forget_prob"] != last[("NPO+GD", "plain", 0)]["forget_prob"]
+    for name in ("summary.csv", "table.md", "tradeoff.png", "meta.json", "README.md"):
         assert (out / name).stat().st_size > 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["selected_on_validation"] and stats["noise_floor"] is not None
+    first = stats["comparisons"][0]
+    assert set(first["diffs"]) <= {"0", "1"} and first["call"] in ("better", "worse", "not shown")
     table = (out / "table.md").read_text()
-    assert "Pareto" in table and "| GradDiff-KL | +KL |" in table and "† Truth ratio" in table
-    assert "+KL GRU improves it" in table and "GRU-k improves it" in table
+    assert "Holm" in table and "| GradDiff-KL | +KL |" in table and "Over 2 seeds" in table
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["eval_rows"] == {"forget": 3, "retain": 3, "real": 3, "world": 4, "holdout": 3}
-    # a second study reuses the cached target and oracles: same reference records
+    assert meta["eval_rows"]["forget"] == {"val": 2, "test": 2}
+    assert len(list((out / "runs").glob("*.json"))) == 2 + len(pairs) * 2
+    # resumed: every run is on disk, nothing runs again, the same records come back
     logs: list[str] = []
-    again = run_study(
-        replace(cfg, methods=()),
-        out_dir=None,
-        cache_dir=tmp_path / "cache",
-        log=logs.append,
-    )
-    model_logs = [line for line in logs if line.startswith(("target", "oracle"))]
-    assert len(model_logs) == 4 and all("cached" in line for line in model_logs)
-    assert [r["method"] for r in again] == ["target", "oracle", "oracle", "oracle"]
+    again = run_study(cfg, out_dir=out, cache_dir=tmp_path / "cache", log=logs.append)
+    assert logs == [f"seed {s}: every run already in {out / 'runs'}" for s in (0, 1)]
     assert [r["forget_prob"] for r in again] == pytest.approx(
-        [r["forget_prob"] for r in records[:4]]
+        [r["forget_prob"] for r in json.loads((out / "summary.json").read_text())]
     )
-    assert "python -m gru_optim.demo" in (out / "README.md").read_text()
+    # a missing run is run alone; another configuration is refused before any work
+    victim = out / "runs" / "GA__GRU__lr0.001__seed1.json"
+    victim.unlink()
+    logs.clear()
+    run_study(cfg, out_dir=out, cache_dir=tmp_path / "cache", log=logs.append)
+    assert logs[0] == "seed 0: every run already in " + str(out / "runs") and victim.exists()
+    with pytest.raises(ValueError, match="another study configuration"):
+        run_study(replace(cfg, steps=3), out_dir=out, cache_dir=tmp_path / "cache")
     # the report is rebuilt from summary.json alone
     (out / "table.md").unlink()
     report_from_dir(out)

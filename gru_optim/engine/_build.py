@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ..kernels import Backend
 from ..rules import Rule
 from ._amp import AmpBoundary
 from ._config import resolve_fused, settings, takes_device_found_inf
@@ -71,7 +72,8 @@ def param_engine(
     memory = RetainMemory(s.ema_dtype, history=s.history)
     amp = AmpBoundary(grad_scaler, owner)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    fused = resolve_fused(fused, params, s.rule, s.space)
+    backend = resolve_fused(fused, params, s.rule, s.space)
+    fused = backend is not Backend.FOREACH
     given: dict[str, Any] = dict(s.rule.defaults())
     for key, value in ((GAMMA_KEY, s.gamma), (RETAIN_WEIGHT_KEY, s.retain_weight)):
         if value is not None:
@@ -89,6 +91,7 @@ def param_engine(
         skip_nonfinite=skip_nonfinite,
         foreach=foreach,
         fused=fused,
+        backend=backend,
         hdefaults=hdefaults,
     )
     source = ParamSource(optimizer, device_skip=fused and takes_device_found_inf(optimizer))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..kernels import Backend, choose_backend
 from ..rules import Cone, CosClip, OneDirection, Rule, make_rule
 from ._groups import check_gamma, check_retain_weight, real
 from ._partition import PARTITIONS
@@ -23,7 +24,6 @@ from ._spaces import SPACES
 __all__ = [
     "Settings",
     "check_weighted",
-    "kernels_of",
     "resolve_fused",
     "settings",
     "takes_device_found_inf",
@@ -123,43 +123,11 @@ def takes_device_found_inf(optimizer: Optimizer) -> bool:
     )
 
 
-def resolve_fused(fused: Any, params: list[Tensor], rule: Rule, space: str) -> bool:
-    """Whether the fused kernels run for ``params`` (raises for ``fused=True`` where they
-    cannot)."""
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused must be None, True or False, got {fused!r}")
-    if fused is False:
-        return False
-    from .._fused import fused_reason, interpreting
-    from .._native import native_reason
-
-    devices = {p.device for p in params}
-    supported = isinstance(rule, OneDirection) and space == "gradient"
-    several = len(devices) != 1
-    reason = "the parameters are on several devices" if several else None
-    if fused is None:
-        if several or not supported:
-            return False
-        device = next(iter(devices))
-        if device.type == "cpu":
-            # The C++ kernels; Triton's interpreter is a test harness, not a fast path.
-            return not interpreting() and native_reason() is None
-        return device.type == "cuda" and fused_reason(device) is None
-    reason = reason or fused_reason(next(iter(devices)))
-    if not supported:
-        raise ValueError(
-            "fused=True runs the projection and cos clip in gradient space; GRU-k "
-            "(directions > 1), space='update' and custom rules use the foreach path"
-        )
-    if reason is not None:
-        raise ValueError(f"fused=True: {reason}")
-    return True
-
-
-def kernels_of(fused: bool, device: torch.device) -> str:
-    """Which path the projection's passes run (see ``GRUOptimizer.kernels``)."""
-    if not fused:
-        return "foreach"
-    from .._fused import interpreting
-
-    return "cpu" if device.type == "cpu" and not interpreting() else "triton"
+def resolve_fused(fused: Any, params: list[Tensor], rule: Rule, space: str) -> Backend:
+    """Where the passes run for ``params``: :func:`gru_optim.kernels.choose_backend`'s
+    answer, once (raises for ``fused=True`` where the fused kernels cannot run)."""
+    return choose_backend(
+        fused,
+        {p.device for p in params},
+        supported=isinstance(rule, OneDirection) and space == "gradient",
+    )

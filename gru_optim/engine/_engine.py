@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._functional import clip_coefficient, sum_sq, total_norm
+from ..functional import clip_coefficient, sum_sq, total_norm
 from ..rules import Rule
 from ._amp import AmpBoundary
 from ._memory import RetainMemory
@@ -75,7 +75,7 @@ class Engine:
         space: a key of :data:`~gru_optim.engine._spaces.SPACES`.
         max_grad_norm: clip the final gradient to this norm (``None``: no clip).
         skip_nonfinite: skip a step when anything it computes is not finite.
-        foreach, fused: the kernels (``fused`` resolved: a bool).
+        foreach, fused: the kernels (``fused`` resolved: a bool); ``backend``: which.
         hdefaults: GRU's parameter-group keys and their defaults.
     """
 
@@ -91,6 +91,7 @@ class Engine:
         skip_nonfinite: bool = True,
         foreach: bool | None = None,
         fused: bool = False,
+        backend: Any = None,
         hdefaults: dict[str, Any] | None = None,
     ) -> None:
         self.rule = rule
@@ -103,6 +104,9 @@ class Engine:
         self.skip_nonfinite = skip_nonfinite
         self.foreach = foreach
         self.fused = fused
+        self.backend = backend
+        """The kernels' backend chosen for a torch optimizer's parameters (``None``: the
+        driver uses the foreach path)."""
         self.hdefaults: dict[str, Any] = dict(hdefaults or {})
         self.pending: Pending | None = None
         """The retain side's record, until the step that consumes it."""

@@ -37,7 +37,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .._functional import _stack_scalars, ema_update_
+from ..functional import ema_update_
+from ..kernels import stack_scalars as _stack_scalars
 from ._reduce import Reducer, local
 
 __all__ = ["EMA_KEY", "HISTORY_KEY", "RetainMemory"]

@@ -24,6 +24,7 @@ __all__ = [
     "PlainStepWarning",
     "PlainSteps",
     "caller_level",
+    "check_wrappable",
     "check_plain_steps",
     "frozen_lr",
     "refuse_rewrap",
@@ -73,6 +74,37 @@ def refuse_rewrap(optimizer: Any, gru_class: type) -> None:
                 "(as its .optimizer): GRU would rectify twice, the inner one with no retain "
                 "pass; wrap the plain optimizer once and use that GRUOptimizer"
             )
+
+
+def check_wrappable(optimizer: Any, inner_options: dict[str, Any], gru_class: type) -> None:
+    """What ``GRUOptimizer(optimizer, **options)`` refuses before anything else: a
+    GRUOptimizer (or one inside), not an optimizer instance, the inner optimizer's options
+    given to GRU by mistake (``GRUOptimizer(model.parameters(), lr=1e-3)``), SparseAdam,
+    and a second live wrapper."""
+    refuse_rewrap(optimizer, gru_class)
+    given_options = ", ".join(f"{k}=" for k in inner_options)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "GRUOptimizer wraps a torch.optim.Optimizer instance, got "
+            f"{type(optimizer).__name__}"
+            + (f" and the option(s) {given_options}" if given_options else "")
+            + "; build the optimizer with its own options first, e.g. "
+            "GRUOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))"
+        )
+    if inner_options:
+        raise TypeError(
+            f"GRUOptimizer got unexpected keyword argument(s) {given_options}: the "
+            "wrapped optimizer's options (lr, betas, ...) go to it when you build it; see "
+            "help(GRUOptimizer) for GRU's own (gamma, granularity, ...)"
+        )
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError(
+            "SparseAdam steps only sparse gradients, and the rectified gradient "
+            "g - c * m is dense (the retain memory m is): wrap an optimizer that accepts "
+            "dense gradients (torch.optim.Adam, AdamW, SGD, ...); GRU densifies sparse "
+            "gradients (nn.Embedding(sparse=True)) itself"
+        )
+    refuse_second_wrapper(optimizer)
 
 
 def refuse_second_wrapper(optimizer: Optimizer) -> None:

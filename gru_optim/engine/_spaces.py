@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .._functional import tensor_sq_norms
+from ..functional import tensor_sq_norms
 from ..rules import Rule, Solution
 from ._inner import gradient_first
 from ._partition import Layout

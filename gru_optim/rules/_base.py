@@ -24,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .._functional import SegmentStats, expand_segments, project_, segment_stats, tensor_dots
+from ..functional import SegmentStats, expand_segments, project_, segment_stats, tensor_dots
 
 __all__ = ["OneDirection", "Reducer", "Rule", "Solution", "dots_with", "real"]
 

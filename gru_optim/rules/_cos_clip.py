@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._functional import SegmentStats, cosclip_coefficients
+from ..functional import SegmentStats, cosclip_coefficients
 from ._base import OneDirection, real
 
 __all__ = ["COS_CLIP_KEY", "CosClip"]

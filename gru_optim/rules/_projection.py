@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._functional import SegmentStats, conflict_coefficients
+from ..functional import SegmentStats, conflict_coefficients
 from ._base import OneDirection
 
 __all__ = ["Projection"]

@@ -4,12 +4,12 @@
 // once, which its hardware prefetchers need to come near the memory bandwidth (one read
 // stream per core reached about a quarter of it on the two-core VM this was tuned on).
 //
-// The same contract as the Triton kernels (gru_optim/_fused.py): sums accumulate in
+// The same contract as the Triton kernels (gru_optim/kernels/_triton.py): sums accumulate in
 // float64, per chunk and then per tensor in chunk order, so a result does not depend on the
 // number of threads; elementwise passes compute in float32 (float64 when a tensor is
 // float64) and round once into the stored dtype.
 //
-// Built on first use by gru_optim/_native.py with the system C++ compiler (GCC or Clang:
+// Built on first use by gru_optim/kernels/_native.py with the system C++ compiler (GCC or Clang:
 // vector extensions, _Float16) and loaded with ctypes: C++17, no Python or torch headers.
 // Dtype codes: 0 float32, 1 float64, 2 bfloat16, 3 float16.
 

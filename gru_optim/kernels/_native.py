@@ -1,16 +1,20 @@
-"""GRU's passes on CPU tensors as compiled C++ (``_csrc/gru_cpu.cpp``): the CPU's fused path.
+"""GRU's passes on CPU tensors as compiled C++ (``csrc/gru_cpu.cpp``): the CPU's fused path.
 
-The same four functions as the Triton kernels of :mod:`gru_optim._fused` (and the same
+The same four functions as the Triton kernels of :mod:`gru_optim.kernels._triton` (and the same
 contract: one call per pass over all tensors of a group, sums in float64 in a fixed order
 that does not depend on the number of threads, decisions read from 0-dim tensors), for CPU
 tensors without Triton. A pass is one C++ call over every tensor of the group, threaded
 over fixed chunks of elements with ``torch.get_num_threads()`` threads.
 
-The library is built on first use with the system C++ compiler (``$CXX``, else ``c++`` or
-``g++``; plain C++17, no Python or torch headers, about 15 s) and cached by the hash of its
-source, the compiler and the CPU under ``$GRU_OPTIM_CACHE`` (default
+The library is built on first use with the system C++ compiler (``$CXX``, split into
+words as a shell would, so a launcher such as ``ccache c++`` works; else ``c++``, ``g++``
+or ``clang++``; plain C++17, no Python or torch headers, about 15 s) and cached by the
+hash of its source, the compiler and the CPU under ``$GRU_OPTIM_CACHE`` (default
 ``~/.cache/gru_optim``). Where no compiler is found or the build fails, :func:`native_reason`
-says why and ``GRUOptimizer`` uses the foreach path. ``GRU_OPTIM_NATIVE=0`` turns it off.
+says why and ``GRUOptimizer`` uses the foreach path (with a
+:class:`~gru_optim.kernels.KernelFallbackWarning`). ``GRU_OPTIM_NATIVE=0`` turns it off.
+The tables the passes read come from :func:`gru_optim.kernels._plan.plan`, shared with
+the Triton kernels.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +35,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["build", "fold_", "native_reason", "project_", "stats", "sum_squares"]
+from ._plan import Plan, plan
 
-_SOURCE = Path(__file__).with_name("_csrc") / "gru_cpu.cpp"
+__all__ = [
+    "build",
+    "fold_",
+    "native_reason",
+    "project_",
+    "stats",
+    "sum_squares",
+    "turned_off",
+]
+
+_SOURCE = Path(__file__).with_name("csrc") / "gru_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 _ABI = 3
 _CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
@@ -50,11 +64,25 @@ def _cache_dir() -> Path:
     return Path(base) / "gru_optim"
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX")
-    if cxx:
-        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
-    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+def _compiler() -> tuple[list[str] | None, str | None]:
+    """The compiler command (``$CXX`` split as a shell would: ``ccache c++`` is a launcher
+    and its compiler), or ``None`` and why not."""
+    cxx = os.environ.get("CXX", "").strip()
+    if not cxx:
+        found = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if found is None:
+            return None, "no C++ compiler found (set CXX) to build the CPU kernels"
+        return [found], None
+    try:
+        words = shlex.split(cxx)
+    except ValueError as e:
+        return None, f"CXX={cxx!r} cannot be split into words ({e})"
+    first = shutil.which(words[0]) or (words[0] if os.path.isfile(words[0]) else None)
+    if first is None:
+        if len(words) == 1:
+            return None, f"the C++ compiler CXX={cxx!r} was not found"
+        return None, f"the compiler launcher {words[0]!r} of CXX={cxx!r} was not found"
+    return [first, *words[1:]], None
 
 
 def _cpu_id() -> str:
@@ -67,15 +95,23 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> Path:
-    """Compile the library (or find it in the cache) and return its path."""
+def _build(cxx: Sequence[str]) -> Path:
+    """Compile the library with the command ``cxx`` (or find it in the cache) and return
+    its path."""
     version = subprocess.run(
-        [cxx, "--version"], capture_output=True, text=True, timeout=60, check=False
+        [*cxx, "--version"], capture_output=True, text=True, timeout=60, check=False
     ).stdout
     key = hashlib.sha256(
         b"\0".join(
             x.encode()
-            for x in (_SOURCE.read_text(), cxx, version, " ".join(_FLAGS), _cpu_id(), str(_ABI))
+            for x in (
+                _SOURCE.read_text(),
+                shlex.join(cxx),
+                version,
+                " ".join(_FLAGS),
+                _cpu_id(),
+                str(_ABI),
+            )
         )
     ).hexdigest()[:16]
     out = _cache_dir() / f"gru_cpu-{key}.so"
@@ -88,14 +124,16 @@ def _build(cxx: str) -> Path:
     os.close(fd)
     try:
         res = subprocess.run(
-            [cxx, *_FLAGS, "-o", tmp, str(_SOURCE)],
+            [*cxx, *_FLAGS, "-o", tmp, str(_SOURCE)],
             capture_output=True,
             text=True,
             timeout=600,
             check=False,
         )
         if res.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {(res.stderr or res.stdout).strip()[-2000:]}")
+            raise RuntimeError(
+                f"{shlex.join(cxx)} failed: {(res.stderr or res.stdout).strip()[-2000:]}"
+            )
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -103,14 +141,22 @@ def _build(cxx: str) -> Path:
     return out
 
 
+_OFF = ("0", "false", "no", "off", "n")
+
+
+def turned_off() -> bool:
+    """Whether ``GRU_OPTIM_NATIVE=0`` (or another false value) turns the CPU kernels off."""
+    return os.environ.get("GRU_OPTIM_NATIVE", "").strip().lower() in _OFF
+
+
 @functools.cache
 def _load() -> tuple[Any, str | None]:
     """The loaded library, or ``None`` and why not."""
-    if os.environ.get("GRU_OPTIM_NATIVE", "").strip().lower() in ("0", "false", "no", "off", "n"):
+    if turned_off():
         return None, "the CPU kernels are turned off (GRU_OPTIM_NATIVE=0)"
-    cxx = _compiler()
+    cxx, why = _compiler()
     if cxx is None:
-        return None, "no C++ compiler found (set CXX) to build the CPU kernels"
+        return None, why
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -149,40 +195,16 @@ def _lib() -> Any:
     return lib
 
 
-class _Tables:
-    """Pointer and size tables of lists of tensors (one per role)."""
-
-    def __init__(self, roles: Sequence[Sequence[Tensor]]) -> None:
-        self.ptrs = [
-            torch.tensor([x.data_ptr() for x in role], dtype=torch.int64) for role in roles
-        ]
-        self.sizes = torch.tensor([x.numel() for x in roles[0]], dtype=torch.int64)
-        self.n = len(roles[0])
+def _accept(x: Tensor) -> None:
+    if x.device.type != "cpu":
+        raise ValueError("the CPU kernels need contiguous CPU tensors")
+    if x.dtype not in _CODES:
+        raise TypeError(f"the CPU kernels take floating tensors, not {x.dtype}")
 
 
-_TABLES: OrderedDict[Any, _Tables] = OrderedDict()
-
-
-def _tables(*roles: Sequence[Tensor]) -> _Tables:
-    """Cached by the tensors' addresses and sizes (the same every step in steady training)."""
-    key = tuple((tuple(map(Tensor.data_ptr, r)), tuple(map(Tensor.numel, r))) for r in roles)
-    t = _TABLES.get(key)
-    if t is None:
-        for role in roles:
-            for x in role:
-                if x.device.type != "cpu" or not x.is_contiguous():
-                    raise ValueError("the CPU kernels need contiguous CPU tensors")
-                if x.dtype not in _CODES:
-                    raise TypeError(f"the CPU kernels take floating tensors, not {x.dtype}")
-        for role in roles[1:]:
-            if [x.numel() for x in role] != [x.numel() for x in roles[0]]:
-                raise ValueError("the CPU kernels need tensors of equal sizes in each pair")
-        t = _TABLES[key] = _Tables(roles)
-        if len(_TABLES) > 64:
-            _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return t
+def _tables(*roles: Sequence[Tensor]) -> Plan:
+    """The pointer and size tables of ``roles`` (:func:`~gru_optim.kernels._plan.plan`)."""
+    return plan(roles, accept=_accept)
 
 
 def _ptr(t: Tensor) -> _P:
