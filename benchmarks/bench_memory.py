@@ -107,13 +107,14 @@ def persistent_bytes(opt: GRUOptimizer, params: list[torch.Tensor]) -> dict[str,
             continue
         nbytes = t.untyped_storage().nbytes()
         storages[ptr] = nbytes
-        attr = path.split("[")[0].split(".")[0].split("<")[0]
+        # The owning attribute, down to the engine's parts (``_engine.memory``, ...).
+        attr = ".".join(path.split("[")[0].split("<")[0].split(".")[:2])
         d = by_attr.setdefault(attr, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
         d["bytes"] += nbytes
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     total = sum(storages.values())
-    ema_bytes = by_attr.get("_memory", {}).get("bytes", 0)
+    ema_bytes = by_attr.get("_engine.memory", {}).get("bytes", 0)
     return {
         "param_bytes": param_bytes,
         "extra_bytes": total,

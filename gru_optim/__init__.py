@@ -11,14 +11,15 @@ command (``gru_optim.cli``, ``cli`` extra) unlearns a saved model from forget/re
 """
 
 from . import data, functional, objectives, rules
-from ._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
-from ._memory import EMA_KEY
-from ._optimizer import GRUOptimizer, PlainStepWarning
-from ._pending import RetainPass
-from ._rules import COS_CLIP_KEY
-from ._stats import SkipReason
+from ._optimizer import GRUOptimizer
 from ._version import __version__
+from .engine._groups import GAMMA_KEY, RETAIN_WEIGHT_KEY
+from .engine._memory import EMA_KEY
+from .engine._pending import RetainPass
+from .engine._policy import PlainStepWarning
+from .engine._stats import SkipReason
 from .kernels import KernelFallbackWarning
+from .rules import COS_CLIP_KEY
 
 __all__ = [
     "COS_CLIP_KEY",

@@ -221,7 +221,7 @@ def full_memory(gru: Any, engine: Any) -> list[Tensor]:
 @contextlib.contextmanager
 def count_gru_all_reduce() -> Iterator[list[tuple[int, int]]]:
     """Every collective GRU makes (they all go through Reducer.sum_): (elements, bytes)."""
-    from gru_optim._reduce import Reducer
+    from gru_optim.engine._reduce import Reducer
 
     calls: list[tuple[int, int]] = []
     real = Reducer.sum_

@@ -167,8 +167,10 @@ def test_sparse_gradients(path: str) -> None:
     opt.zero_grad()
     model.loss(idx, y, 1.0).backward()
     assert model.emb.weight.grad is not None and model.emb.weight.grad.is_sparse
+    before = model.emb.weight.detach().clone()
     with pytest.warns(PlainStepWarning):
         opt.step()
+    assert not torch.equal(before, model.emb.weight)
 
 
 def test_sparse_adam_is_refused() -> None:

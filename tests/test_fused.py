@@ -47,7 +47,7 @@ def fused_opt(kernels: str, inner, **kw) -> GRUOptimizer:
     """A GRUOptimizer on the fused path of ``kernels``: ``fused=True`` for Triton (the
     interpreter), the default ``fused=None`` for the CPU's C++ passes."""
     opt = GRUOptimizer(inner, fused=True if kernels == "triton" else None, **kw)
-    assert opt._fused and opt.kernels == kernels
+    assert opt.kernels == kernels  # "triton" or "cpu": the fused passes
     return opt
 
 
@@ -232,7 +232,7 @@ def test_fused_optimizer_matches_the_foreach_path(kernels, inner, kw) -> None:
     b = copy.deepcopy(a)
     oa = fused_opt(kernels, make_inner(inner, a), **kw)
     ob = GRUOptimizer(make_inner(inner, b), fused=False, **kw)
-    assert not ob._fused and ob.kernels == "foreach"
+    assert ob.kernels == "foreach"
     # A bfloat16 memory rounds differently (one rounding of the fused lerp against two of
     # the foreach path's multiply-add): its 2**-8 precision sets the tolerance.
     rtol, atol = (2e-2, 2e-3) if kw.get("ema_dtype") == torch.bfloat16 else (1e-4, 1e-6)
@@ -253,7 +253,8 @@ def test_fused_path_skips_on_the_device(kernels, inner, where) -> None:
     opt = fused_opt(kernels, make_inner(inner, model))
     for t in range(2):
         opt.step(*closures(model, t))
-    assert opt._device_skip == (inner == "adamw_fused")
+    # The source steps a fused torch optimizer with the skip flag on the device.
+    assert opt._sides.source.device_skip == (inner == "adamw_fused")
     before = snapshot(model, opt)
     f, r = closures(model, 2)
 
@@ -302,7 +303,7 @@ def test_fused_none_on_the_cpu_picks_the_cpu_kernels_but_not_the_interpreter(
 ) -> None:
     # The interpreter is a test harness: with TRITON_INTERPRET=1 the default stays foreach.
     opt = GRUOptimizer(make_inner("adam", make_net(torch.float32)))
-    assert opt._fused is False and opt.kernels == "foreach"
+    assert opt.kernels == "foreach"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert GRUOptimizer(make_inner("adam", make_net(torch.float32))).kernels == "cpu"
     # Paths without a fused form, and fused=False, stay on the foreach path.

@@ -37,9 +37,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ..functional import ema_update_
+from ..kernels import stack_scalars as _stack_scalars
 from ._reduce import Reducer, local
-from .functional import ema_update_
-from .kernels import stack_scalars as _stack_scalars
 
 __all__ = ["EMA_KEY", "HISTORY_KEY", "RetainMemory"]
 
@@ -340,3 +340,34 @@ class RetainMemory:
     def drop(self, p: Tensor) -> None:
         self._buffers.pop(p, None)
         self._hist.pop(p, None)
+
+    def snapshot(self, params: Sequence[Tensor]) -> dict[Tensor, Tensor | None]:
+        """Copies of the memory of ``params`` (``None`` where there is none), for
+        :meth:`restore` (a driver whose step may be skipped after the fold)."""
+        return {p: (None if (m := self.get(p)) is None else m.clone()) for p in params}
+
+    def restore(self, snapshot: dict[Tensor, Tensor | None]) -> None:
+        """Give the memory back its state at :meth:`snapshot`."""
+        for p, m in snapshot.items():
+            buf = self.get(p)
+            if m is None:
+                self.drop(p)
+            elif buf is not None:
+                buf.copy_(m)
+
+    @staticmethod
+    def flat_keys(
+        lengths: Sequence[int], dtype: torch.dtype | None, device: torch.device | str
+    ) -> list[Tensor]:
+        """One stable key per flat member of the given lengths (a driver's own fragments):
+        zero-stride views of one element, so that each buffer is allocated contiguous, of
+        that shape, in ``dtype`` (``None``: float32)."""
+        base = torch.zeros((), dtype=dtype or torch.float32, device=device)
+        return [base.expand(n) for n in lengths]
+
+    def nbytes(self, params: Sequence[Tensor]) -> int:
+        """Bytes of the buffers of ``params`` (the memory and the recent retain gradients)."""
+        bufs = [m for p in params if (m := self.get(p)) is not None]
+        for hs in self.histories(params) if self.history else []:
+            bufs += hs or []
+        return sum(b.numel() * b.element_size() for b in bufs)

@@ -10,12 +10,10 @@ overrides the groups' own, a value not given is read from them (:func:`plan_grou
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
-import torch
+from ..rules._base import real
 
 __all__ = [
     "GAMMA_KEY",
@@ -34,47 +32,6 @@ GAMMA_KEY = "gru_gamma"
 RETAIN_WEIGHT_KEY = "gru_retain_weight"
 """Parameter-group key of ``retain_weight``, the multiple of the retain gradient added
 after rectification."""
-
-
-def real(
-    name: str,
-    value: Any,
-    *,
-    low: float = -math.inf,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-    what: str = "",
-) -> float:
-    """``value`` as a finite Python float inside the given interval, or a clear error.
-
-    Accepts every real number type (int, float, NumPy scalars, ``fractions``, 0-dim real
-    tensors and arrays); refuses ``bool``, strings, complex numbers, NaN and infinities.
-    """
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
-    if isinstance(value, torch.Tensor) or hasattr(value, "__array__"):
-        shape = tuple(getattr(value, "shape", ()))
-        dtype = getattr(value, "dtype", None)
-        is_bool = dtype == torch.bool or str(dtype) == "bool"
-        is_complex = (isinstance(dtype, torch.dtype) and dtype.is_complex) or "complex" in str(
-            dtype
-        )
-        if shape != () or is_bool or is_complex:
-            raise TypeError(f"{name} must be a real number{what}, got {value!r}")
-        value = value.item()
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number{what}, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite{what}, got {value!r}")
-    too_low = x <= low if low_open else x < low
-    too_high = x >= high if high_open else x > high
-    if too_low or too_high:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}{hi}{what}, got {value!r}")
-    return x
 
 
 def check_gamma(value: Any, where: str = "") -> float:

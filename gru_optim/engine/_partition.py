@@ -71,6 +71,7 @@ class Layout:
         hyper: list[dict[str, float]],
         reducer: Any,
         history: list[list[Tensor] | None] | None = None,
+        numels: Sequence[int] | None = None,
     ) -> None:
         self.members = members
         self.history = history
@@ -78,8 +79,14 @@ class Layout:
         self.segments = segments
         self.hyper = hyper
         self.reducer = reducer
-        # Real scalars per member (a complex one counts its real view's two per element).
-        self.numels = [p.numel() * (2 if p.is_complex() else 1) for p in members]
+        # Real scalars per member (a complex one counts its real view's two per element);
+        # a sharded member's full size where the driver gives it (its local vector holds
+        # part of it).
+        self.numels = (
+            list(numels)
+            if numels is not None
+            else [p.numel() * (2 if p.is_complex() else 1) for p in members]
+        )
 
     def solve(
         self,

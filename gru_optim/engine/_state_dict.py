@@ -8,21 +8,16 @@ before it changes anything: on any error the optimizer is as it was.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
+from ._engine import Engine
 from ._groups import check_gamma, check_retain_weight, fill_groups
 from ._memory import EMA_KEY, HISTORY_KEY, RetainMemory
+from ._sources import ParamSource
 
-if TYPE_CHECKING:
-    from ._optimizer import GRUOptimizer
-
-__all__ = ["load_state", "save_state"]
-
-
-def _gru_keys(opt: GRUOptimizer) -> set[str]:
-    return set(opt._hdefaults)
+__all__ = ["GRU_STATE_KEY", "load_state", "save_state", "torch_index"]
 
 
 GRU_STATE_KEY = "gru_state"
@@ -60,15 +55,15 @@ def torch_index(groups: list[dict[str, Any]]) -> dict[int, int]:
     return index
 
 
-def save_state(opt: GRUOptimizer) -> dict[str, Any]:
-    for pre_hook in opt._optimizer_state_dict_pre_hooks.values():
-        pre_hook(opt)
-    sd = opt._inner.state_dict()
+def save_state(engine: Engine, source: ParamSource) -> dict[str, Any]:
+    """The inner optimizer's state dict with the memory merged in (the optimizer's own
+    state-dict hooks are the caller's)."""
+    sd = source.inner.state_dict()
     standard = _is_standard(sd)
     state = dict(sd["state"]) if standard else {}
-    params = opt._params()
-    index = torch_index(opt._inner.param_groups)
-    memory = opt._memory
+    params = source.params()
+    index = torch_index(source.groups)
+    memory = engine.memory
     for p in params:
         if p in memory or p.requires_grad:
             k = index[id(p)]
@@ -78,18 +73,12 @@ def save_state(opt: GRUOptimizer) -> dict[str, Any]:
                 entry[HISTORY_KEY] = memory.history_entry(p)
             state[k] = entry
     if standard:
-        out = {"state": state, "param_groups": sd["param_groups"]}
-    else:
-        out = {**sd, GRU_STATE_KEY: {"state": state}}
-    for post_hook in opt._optimizer_state_dict_post_hooks.values():
-        result = post_hook(opt, out)
-        if result is not None:
-            out = result
-    return out
+        return {"state": state, "param_groups": sd["param_groups"]}
+    return {**sd, GRU_STATE_KEY: {"state": state}}
 
 
-def _check_groups(opt: GRUOptimizer, saved_groups: Any) -> None:
-    groups = opt._inner.param_groups
+def _check_groups(engine: Engine, source: ParamSource, saved_groups: Any) -> None:
+    groups = source.groups
     if not isinstance(saved_groups, list) or not all(isinstance(g, dict) for g in saved_groups):
         raise ValueError("not an optimizer state dict: 'param_groups' must be a list of dicts")
     if len(groups) != len(saved_groups):
@@ -97,7 +86,7 @@ def _check_groups(opt: GRUOptimizer, saved_groups: Any) -> None:
             f"state dict has {len(saved_groups)} parameter groups, the optimizer "
             f"{len(groups)}: it comes from another model or optimizer"
         )
-    ours = _gru_keys(opt) | {"params"}
+    ours = set(engine.hdefaults) | {"params"}
     for i, (g, sg) in enumerate(zip(groups, saved_groups)):
         if "params" not in sg or len(g["params"]) != len(sg["params"]):
             raise ValueError(
@@ -110,16 +99,16 @@ def _check_groups(opt: GRUOptimizer, saved_groups: Any) -> None:
             raise ValueError(
                 f"parameter group {i} of the state dict has hyperparameters "
                 f"{sorted(unknown)} but not {sorted(missing)}: it comes from another "
-                f"optimizer class than {type(opt._inner).__name__}"
+                f"optimizer class than {type(source.inner).__name__}"
             )
         where = f" (state dict param_groups[{i}])"
         if "gru_gamma" in sg:
             check_gamma(sg["gru_gamma"], where)
         if "gru_retain_weight" in sg:
             check_retain_weight(sg["gru_retain_weight"], where)
-        for key in opt._rule.hyperparameters:
+        for key in engine.rule.hyperparameters:
             if key in sg:
-                opt._rule.check(key, sg[key], where)
+                engine.rule.check(key, sg[key], where)
 
 
 # LBFGS's entry (kept in its first parameter's state): these keys appear as it runs.
@@ -177,27 +166,25 @@ def _check_inner_entry(
             )
 
 
-def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
-    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
-        result = pre_hook(opt, state_dict)
-        if result is not None:
-            state_dict = result
+def load_state(engine: Engine, source: ParamSource, state_dict: Any) -> None:
+    """Validate ``state_dict`` entirely, then load it into the inner optimizer and the
+    memory (the optimizer's own load hooks are the caller's)."""
     if isinstance(state_dict, dict) and GRU_STATE_KEY in state_dict:
-        _load_foreign(opt, state_dict)
+        _load_foreign(engine, source, state_dict)
         return
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-        if isinstance(state_dict, dict) and not _is_standard(opt._inner.state_dict()):
+        if isinstance(state_dict, dict) and not _is_standard(source.inner.state_dict()):
             # A state dict of the plain inner optimizer in its own format: no memory.
-            _load_foreign(opt, {**state_dict, GRU_STATE_KEY: {"state": {}}})
+            _load_foreign(engine, source, {**state_dict, GRU_STATE_KEY: {"state": {}}})
             return
         raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
     if not isinstance(state_dict["state"], dict):
         raise ValueError("not an optimizer state dict: 'state' must be a dict")
-    inner = opt._inner
+    inner = source.inner
     saved_groups = state_dict["param_groups"]
-    _check_groups(opt, saved_groups)
+    _check_groups(engine, source, saved_groups)
     id_to_param: dict[Any, Tensor] = {}
-    flat: set[int] = {sum(p.numel() for p in opt._params())}
+    flat: set[int] = {sum(p.numel() for p in source.params())}
     for g, sg in zip(inner.param_groups, saved_groups):
         flat.add(sum(p.numel() for p in g["params"]))
         for p, k in zip(g["params"], sg["params"]):
@@ -217,14 +204,14 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
             with_memory = True
             emas[p] = RetainMemory.check_entry(p, entry.pop(EMA_KEY), f"parameter {k}")
         if HISTORY_KEY in entry:
-            histories[p] = opt._memory.check_history(p, entry.pop(HISTORY_KEY), f"parameter {k}")
+            histories[p] = engine.memory.check_history(p, entry.pop(HISTORY_KEY), f"parameter {k}")
         _check_inner_entry(k, p, entry, inner.state.get(p), flat)
         if entry:
             inner_state[k] = entry
     if with_memory:
         key_of = {id(p): k for k, p in id_to_param.items()}
         absent = [
-            key_of[id(p)] for p in opt._trainable() if key_of[id(p)] not in state_dict["state"]
+            key_of[id(p)] for p in source.trainable() if key_of[id(p)] not in state_dict["state"]
         ]
         if absent:
             raise ValueError(
@@ -232,20 +219,18 @@ def load_state(opt: GRUOptimizer, state_dict: Any) -> None:
                 "trainable: GRUOptimizer.state_dict() writes one for every trainable "
                 "parameter, so it was truncated (or they were frozen when it was saved)"
             )
-    prepared = opt._memory.prepare(emas, histories)
+    prepared = engine.memory.prepare(emas, histories)
     old_state, old_groups = inner.state, inner.param_groups
     try:
         inner.load_state_dict({"state": inner_state, "param_groups": saved_groups})
     except BaseException:
         inner.state, inner.param_groups = old_state, old_groups
         raise
-    opt._memory.commit(prepared)
-    fill_groups(inner.param_groups, opt._hdefaults)
-    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
-        post_hook(opt)
+    engine.memory.commit(prepared)
+    fill_groups(inner.param_groups, engine.hdefaults)
 
 
-def _load_foreign(opt: GRUOptimizer, state_dict: dict[str, Any]) -> None:
+def _load_foreign(engine: Engine, source: ParamSource, state_dict: dict[str, Any]) -> None:
     """Load a state dict whose inner part is not in torch's format: the memory under
     :data:`GRU_STATE_KEY` is validated first, the rest goes to the inner optimizer's own
     ``load_state_dict`` (which validates its part), then the memory is installed."""
@@ -253,9 +238,9 @@ def _load_foreign(opt: GRUOptimizer, state_dict: dict[str, Any]) -> None:
     gru = state_dict[GRU_STATE_KEY]
     if not isinstance(gru, dict) or not isinstance(gru.get("state"), dict):
         raise ValueError(f"not a GRU state dict: {GRU_STATE_KEY!r} must hold a 'state' dict")
-    inner = opt._inner
+    inner = source.inner
     index = torch_index(inner.param_groups)
-    by_key = {index[id(p)]: p for p in opt._params()}
+    by_key = {index[id(p)]: p for p in source.params()}
     emas: dict[Tensor, Tensor] = {}
     histories: dict[Tensor, list[Tensor]] = {}
     for k, entry in gru["state"].items():
@@ -265,7 +250,7 @@ def _load_foreign(opt: GRUOptimizer, state_dict: dict[str, Any]) -> None:
         if EMA_KEY in entry:
             emas[p] = RetainMemory.check_entry(p, entry[EMA_KEY], f"parameter {k}")
         if HISTORY_KEY in entry:
-            histories[p] = opt._memory.check_history(p, entry[HISTORY_KEY], f"parameter {k}")
+            histories[p] = engine.memory.check_history(p, entry[HISTORY_KEY], f"parameter {k}")
     if emas:
         absent = [k for k, p in by_key.items() if p.requires_grad and p not in emas]
         if absent:
@@ -273,9 +258,7 @@ def _load_foreign(opt: GRUOptimizer, state_dict: dict[str, Any]) -> None:
                 f"the state dict has no retain memory for parameter(s) {absent[:8]}, which "
                 "are trainable: it was truncated (or they were frozen when it was saved)"
             )
-    prepared = opt._memory.prepare(emas, histories)
+    prepared = engine.memory.prepare(emas, histories)
     inner.load_state_dict(rest)
-    opt._memory.commit(prepared)
-    fill_groups(inner.param_groups, opt._hdefaults)
-    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
-        post_hook(opt)
+    engine.memory.commit(prepared)
+    fill_groups(inner.param_groups, engine.hdefaults)
