@@ -22,8 +22,10 @@ from .engine._build import param_engine
 from .engine._engine import Closure
 from .engine._groups import (
     GAMMA_KEY,
+    NOT_GIVEN,
     RETAIN_WEIGHT_KEY,
     Hyper,
+    NotGiven,
     check_gamma,
     check_retain_weight,
 )
@@ -174,8 +176,8 @@ class GRUOptimizer(Optimizer):
             authors' ``+ce``); per group under ``"gru_retain_weight"``.
         space: ``"gradient"`` (the paper) or ``"update"`` (rectify the inner optimizer's
             actual parameter change; one extra parameter-sized buffer).
-        cos_clip: ``None`` or a cosine threshold in ``[-1, 0]``: the authors' partial
-            projection; per group under ``"gru_cos_clip"``.
+        cos_clip: ``None`` (the projection) or a cosine threshold in ``[-1, 0]`` (partial
+            projection; per group under ``"gru_cos_clip"``). Not given: the groups' own.
         directions: ``k`` from 1 to 16 (GRU-k, :class:`~gru_optim.rules.Cone`).
         rule: a :class:`~gru_optim.rules.Rule` instance instead of the three above.
         max_grad_norm: clip the final gradient to this norm right before the inner step.
@@ -188,8 +190,9 @@ class GRUOptimizer(Optimizer):
         plain_steps: a step given no retain gradient is the inner optimizer's plain step:
             ``"warn"`` once (:class:`~gru_optim.PlainStepWarning`), ``"error"`` or ``"allow"``.
 
-    ``gamma``/``retain_weight`` not given are read from the groups, else 0.8 and 0. All is
-    validated before anything is written. One inner optimizer has one live wrapper.
+    Arguments given win over the groups' ``gru_*`` values; those not given are read from
+    them, else defaults (``docs/guides/checkpoints.md``). All is validated first. Change
+    values in place (``opt.gamma = 0.3``); ``del opt`` before wrapping ``inner`` again.
 
     ``docs/api/optimizer.md`` says more about each option. Use it with closures,
     ``opt.step(forget_closure, retain_closure)``, or without::
@@ -212,7 +215,7 @@ class GRUOptimizer(Optimizer):
         granularity: Granularity = "global",
         retain_weight: float | None = None,
         space: str = "gradient",
-        cos_clip: float | None = None,
+        cos_clip: float | None | NotGiven = NOT_GIVEN,
         directions: int = 1,
         rule: Rule | None = None,
         max_grad_norm: float | None = None,

@@ -11,6 +11,8 @@ that reads the scaler's private state.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,18 +23,24 @@ __all__ = ["AmpBoundary"]
 
 class _RetainGradients:
     """Stands for the retain gradient in ``GradScaler.unscale_`` (which keys its
-    bookkeeping by object and reads only ``param_groups``)."""
+    bookkeeping by object and reads only ``param_groups``); ``owner``: a weak
+    reference to the optimizer."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Callable[[], Any]) -> None:
         self._owner = owner
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
-        return self._owner.param_groups  # type: ignore[no-any-return]
+        return self._owner().param_groups  # type: ignore[no-any-return]
 
 
 class AmpBoundary:
-    """GRU's use of one gradient scaler (or none)."""
+    """GRU's use of one gradient scaler (or none) on behalf of ``owner``.
+
+    The owner holds this boundary (through its engine); the boundary holds it back only
+    weakly, so that a dropped optimizer, and its parameter-sized memory, is freed by
+    reference counting, not left in a cycle for the garbage collector. A copy (deep copy,
+    pickle) of the owner gets a boundary bound to the copy."""
 
     def __init__(self, scaler: Any, owner: Any) -> None:
         if scaler is not None and not (
@@ -43,8 +51,22 @@ class AmpBoundary:
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}"
             )
         self.scaler = scaler
-        self._owner = owner
-        self._retain_owner = _RetainGradients(owner)
+        self._bind(owner)
+
+    def _bind(self, owner: Any) -> None:
+        self._owner_ref = weakref.ref(owner)
+        self._retain_owner = _RetainGradients(self._owner_ref)
+
+    @property
+    def _owner(self) -> Any:
+        return self._owner_ref()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"scaler": self.scaler, "owner": self._owner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.scaler = state["scaler"]
+        self._bind(state["owner"])
 
     @property
     def enabled(self) -> bool:

@@ -44,17 +44,22 @@ Closure = Callable[[], Any]
 
 
 def check_loss(loss: Any, what: str) -> Any:
-    """A closure returns its scalar loss (or nothing)."""
+    """A closure returns its scalar loss (or nothing); a loss given (``what`` ends in
+    ``loss``) is one."""
     if loss is None or (not isinstance(loss, bool) and isinstance(loss, numbers.Real)):
         return loss
+    got = f"the {what} is" if what.endswith("loss") else f"the {what} returned"
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(
-                f"the {what} returned a tensor of shape {tuple(loss.shape)}; it must return "
-                "the scalar loss it back-propagated (reduce it with .mean() or .sum())"
+                f"{got} a tensor of shape {tuple(loss.shape)}; it must be the scalar loss "
+                "that was back-propagated (reduce it with .mean() or .sum())"
             )
         return loss
-    raise TypeError(f"the {what} must return its loss (a scalar tensor), got {type(loss).__name__}")
+    raise TypeError(
+        f"{got} a {type(loss).__name__}; it must be the loss, a scalar tensor or a real "
+        "number (convert a 0-d NumPy array with float(...))"
+    )
 
 
 def check_closures(**closures: Any) -> None:

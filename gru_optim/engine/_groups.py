@@ -10,21 +10,27 @@ overrides the groups' own, a value not given is read from them (:func:`plan_grou
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import Any
 
 from ..rules._base import real
+from ..rules._cos_clip import COS_CLIP_KEY
 
 __all__ = [
     "GAMMA_KEY",
+    "NOT_GIVEN",
     "RETAIN_WEIGHT_KEY",
+    "RULE_KEYS",
     "Hyper",
+    "NotGiven",
     "check_values",
     "fill_groups",
     "group_values",
     "plan_groups",
     "read_groups",
     "real",
+    "unread_rule_keys",
 ]
 
 GAMMA_KEY = "gru_gamma"
@@ -32,6 +38,28 @@ GAMMA_KEY = "gru_gamma"
 RETAIN_WEIGHT_KEY = "gru_retain_weight"
 """Parameter-group key of ``retain_weight``, the multiple of the retain gradient added
 after rectification."""
+RULE_KEYS = (COS_CLIP_KEY,)
+"""Parameter-group keys of the library's rules' hyperparameters."""
+
+
+class NotGiven(enum.Enum):
+    """A keyword argument left out, where ``None`` is a value of its own (``cos_clip=None``:
+    no cos clip)."""
+
+    NOT_GIVEN = "not given"
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven.NOT_GIVEN
+
+
+def unread_rule_keys(values: dict[str, Any], rule_keys: Iterable[str]) -> list[str]:
+    """The rule keys (:data:`RULE_KEYS`) in ``values`` that a rule reading ``rule_keys``
+    would ignore: refused where they come in (a value kept and ignored is silently wrong)."""
+    keys = set(rule_keys)
+    return [k for k in RULE_KEYS if k in values and k not in keys]
 
 
 def check_gamma(value: Any, where: str = "") -> float:

@@ -35,6 +35,7 @@ from ._groups import (
     fill_groups,
     group_values,
     read_groups,
+    unread_rule_keys,
 )
 from ._partition import Layout, group_of_segments
 from ._pending import GradWatch, Pending, RetainPass, signature
@@ -109,6 +110,14 @@ class ParamSides:
             [f" (param_groups[{i}])" for i in range(len(groups))],
         )
         if isinstance(param_group, dict):
+            unread = unread_rule_keys(param_group, self.engine.rule.hyperparameters)
+            if unread:
+                raise ValueError(
+                    f"the new parameter group has {unread[0]!r}, which this GRUOptimizer's "
+                    f"rule ({self.engine.rule.name}) does not read: it would be kept and "
+                    "ignored. Leave it out, or build the GRUOptimizer with cos_clip=... "
+                    "(and granularity='group' for a threshold per group)"
+                )
             (values,) = group_values([param_group], hdefaults)
             hypers += check_values([values], self.rule_checks(), [" (the new parameter group)"])
             self.check_combinations(hypers)
@@ -308,7 +317,12 @@ class ParamSides:
         params = self.source.trainable()
         self.source.clear()
         losses: list[Any] = []
-        yield losses.append
+        # Inside, as inside retain_pass(): add_param_group and load_state_dict are refused.
+        outer, self.in_retain_pass = self.in_retain_pass, True
+        try:
+            yield losses.append
+        finally:
+            self.in_retain_pass = outer
         if all(p.grad is None for p in params):
             raise RuntimeError(no_grad)
         self.fold(params, losses[0] if losses else None, hypers)

@@ -23,8 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._reduce import local
-
 __all__ = ["GradWatch", "Pending", "RetainPass", "signature"]
 
 
@@ -32,13 +30,21 @@ def signature(params: list[Tensor]) -> list[tuple[int, int]]:
     """Identity and version counter of each parameter's gradient: changes on backward.
 
     The version is the local tensor's: FSDP2 accumulates into ``grad._local_tensor`` in
-    place, which leaves the DTensor wrapper's own counter unchanged.
+    place, which leaves the DTensor wrapper's own counter unchanged. A complex gradient's
+    is read on the tensor itself (its real view shares it), so that a lazy conjugate,
+    which has no real view until it is resolved, has one too.
     """
     out = []
     for p in params:
         g = p.grad
-        out.append((0, -1) if g is None else (id(g), local(g)._version))
+        out.append((0, -1) if g is None else (id(g), _shard(g)._version))
     return out
+
+
+def _shard(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise (no real view)."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
 
 
 def _detached(loss: Any) -> Tensor | float:

@@ -110,9 +110,13 @@ def check_wrappable(optimizer: Any, inner_options: dict[str, Any], gru_class: ty
 def refuse_second_wrapper(optimizer: Optimizer) -> None:
     """Raise when a live GRUOptimizer already wraps ``optimizer``.
 
-    Live means still referenced: a wrapper dropped with ``del`` (or by rebinding its name)
-    does not block, even while it waits in a reference cycle for the garbage collector,
-    which runs once here to decide.
+    Live means still referenced from anywhere: a wrapper dropped with ``del`` (and by
+    whatever else held it) does not block, even while it waits in a reference cycle for
+    the garbage collector, which runs once here to decide. Rebinding the name,
+    ``opt = GRUOptimizer(inner, ...)`` while ``opt`` holds the first wrapper, is refused:
+    the first one is still bound while the second is built. So is a wrapper held only by a
+    stored traceback (``sys.last_traceback`` in a REPL, after an exception raised while it
+    was in scope).
     """
     ref = _OWNERS.get(optimizer)
     if ref is None or ref() is None:
@@ -123,10 +127,12 @@ def refuse_second_wrapper(optimizer: Optimizer) -> None:
     raise RuntimeError(
         f"this {type(optimizer).__name__} is already wrapped by a GRUOptimizer that is "
         "still in use: two wrappers would fold their retain gradients into the same "
-        "parameter groups and inner state. Keep using the first one (change its "
-        "hyperparameters with opt.gamma = ... or its param_groups), or drop every "
-        "reference to it (del opt; an LR scheduler or Trainer holding it counts) before "
-        "wrapping again"
+        "parameter groups and inner state. Keep using the first one and change its "
+        "hyperparameters in place (opt.gamma = 0.3, opt.retain_weight = ..., or "
+        "opt.param_groups[i]['gru_gamma']), or drop every reference to it first: del opt "
+        "(and any LR scheduler or Trainer holding it), then wrap again. "
+        "`opt = GRUOptimizer(inner, ...)` alone does not drop it: the first wrapper is "
+        "still bound to `opt` while the second is built"
     )
 
 

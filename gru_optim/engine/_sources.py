@@ -94,11 +94,15 @@ class ParamSource:
         ``.grad``: the memory is dense (it decays every row) and so is the rectified
         gradient ``g - c m``, which the inner optimizer then steps (it must accept dense
         gradients: ``SparseAdam`` is refused when the GRUOptimizer is built). Complex
-        gradients need nothing: every pass reads them as real views (``_reduce.local``)."""
+        gradients are read as real views (``_reduce.local``), which a lazy conjugate (a
+        loss using ``p.conj()``) has none of: it is resolved here, in place of ``.grad``,
+        so that the rectification written into that view reaches the gradient stepped."""
         for p in params:
             g = p.grad
             if g is not None and g.layout != torch.strided:
-                p.grad = g.to_dense()
+                g = p.grad = g.to_dense()
+            if g is not None and g.is_conj():
+                p.grad = g.resolve_conj()
 
     def check_ready(self, scaled: bool) -> None:
         """Refuse a GRU step that would fail part-way, before anything changes: one the

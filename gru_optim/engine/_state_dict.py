@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from ._engine import Engine
-from ._groups import check_gamma, check_retain_weight, fill_groups
+from ._groups import check_gamma, check_retain_weight, fill_groups, unread_rule_keys
 from ._memory import EMA_KEY, HISTORY_KEY, RetainMemory
 from ._sources import ParamSource
 
@@ -109,6 +109,15 @@ def _check_groups(engine: Engine, source: ParamSource, saved_groups: Any) -> Non
         for key in engine.rule.hyperparameters:
             if key in sg:
                 engine.rule.check(key, sg[key], where)
+        unread = unread_rule_keys(sg, engine.rule.hyperparameters)
+        if unread:
+            key = unread[0]
+            raise ValueError(
+                f"the state dict's param_groups[{i}] has {key}={sg[key]!r}, which this "
+                f"GRUOptimizer's rule ({engine.rule.name}) does not read: it comes from one "
+                f"with cos_clip; build this one with cos_clip={sg[key]!r} to resume it (or "
+                "drop the key from the state dict's param_groups to train without cos clip)"
+            )
 
 
 # LBFGS's entry (kept in its first parameter's state): these keys appear as it runs.
