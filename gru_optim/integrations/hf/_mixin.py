@@ -232,9 +232,11 @@ class GRUMixin:
                 f"TrainingArguments.max_grad_norm={self._gru_clip} but the GRUOptimizer "
                 f"clips at {opt.max_grad_norm}: set one of them"
             )
-        if not getattr(opt, "_gru_trainer_hooked", False):
+        # This trainer records its steps through one hook on the optimizer it drives (kept
+        # here, not marked on the optimizer: another trainer may drive it later).
+        if self.__dict__.get("_gru_hooked") is not opt:
             opt.register_step_post_hook(self._gru_record_step)
-            opt._gru_trainer_hooked = True
+            self._gru_hooked = opt
         return self.optimizer  # type: ignore[no-any-return]
 
     def _clip_grad_norm(self, model: nn.Module) -> None:
