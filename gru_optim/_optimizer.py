@@ -184,7 +184,8 @@ class GRUOptimizer(Optimizer):
         ema_dtype: dtype of the memory (``None``: float32, or float64 for float64 weights).
         skip_nonfinite: skip a step when anything it computes is not finite; ``False``
             makes a step free of host synchronisation.
-        foreach, fused: the kernels (``None``: chosen for the tensors; :attr:`kernels`).
+        foreach: torch's multi-tensor kernels (``None``: wherever the tensors allow).
+        fused: the compiled passes (``None``: chosen for the tensors; :attr:`kernels`).
         grad_scaler: the ``torch.amp.GradScaler`` that scaled the losses (fp16): GRU
             unscales each gradient once and skips a step on overflow.
         plain_steps: a step given no retain gradient is the inner optimizer's plain step:

@@ -93,9 +93,11 @@ class GRUDeepSpeed:
     Args:
         engine: the ``DeepSpeedEngine`` from ``deepspeed.initialize(model=...,
             optimizer=<torch optimizer>, config=...)``.
-        gamma, retain_weight, granularity, cos_clip, directions, rule, ema_dtype,
-            max_grad_norm: as in :class:`~gru_optim.GRUOptimizer` (``max_grad_norm`` must
-            agree with DeepSpeed's ``gradient_clipping`` if both are set).
+
+    The keyword options ``gamma``, ``retain_weight``, ``granularity``, ``cos_clip``,
+    ``directions``, ``rule``, ``ema_dtype`` and ``max_grad_norm`` are as in
+    :class:`~gru_optim.GRUOptimizer` (``max_grad_norm`` must agree with DeepSpeed's
+    ``gradient_clipping`` if both are set).
 
     ``gru.step(forget_closure, retain_closure)`` (closures call ``engine.backward`` and
     return the loss), or ``with gru.retain_pass(): engine.backward(retain_loss)``, then
