@@ -47,8 +47,13 @@ def prepare_demo(cache_dir: str | Path) -> dict[str, str]:
     returns ``{"model", "forget", "retain", "holdout"}`` paths."""
     from transformers import PreTrainedTokenizerFast
 
-    from ..study import PRESETS, Codec, generate_corpus, train_tokenizer
-    from ..study._lm import load_or_train  # the study's cached training of the target
+    from ..study import (
+        PRESETS,
+        Codec,
+        generate_corpus,
+        load_or_train,  # the study's cached training of the target
+        train_tokenizer,
+    )
 
     preset = PRESETS["demo"]
     parts = {"corpus": asdict(preset.corpus), "model": asdict(preset.model)}

@@ -23,6 +23,7 @@ from ._lm import (
     TrainConfig,
     build_model,
     encode_qa,
+    load_or_train,
     load_pretrained,
     train_tokenizer,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "harmonic_mean",
     "holm",
     "identical_arms",
+    "load_or_train",
     "load_pretrained",
     "load_records",
     "load_tofu",
