@@ -364,16 +364,11 @@ def checkpoint_case(stage: int, rank: int, tmp: str) -> dict[str, Any]:
 
 def repartition_case(tag_dir: str, rank: int, saved: list[Tensor]) -> bool:
     """A checkpoint's memory saved at one ZeRO stage, loaded into another stage's layout."""
-    from gru_optim.deepspeed import MEMORY_FILE, GRUDeepSpeed
+    from gru_optim.deepspeed import GRUDeepSpeed
 
     engine = make_engine(ds_config(1))
     gru = GRUDeepSpeed(engine)
-    files = sorted(
-        os.path.join(tag_dir, f)
-        for f in os.listdir(tag_dir)
-        if f.startswith(MEMORY_FILE.split("{")[0])
-    )
-    gru._load_memory(files)
+    gru.load_memory(tag_dir)
     return all(torch.equal(a, b) for a, b in zip(full_memory(gru, engine), saved))
 
 

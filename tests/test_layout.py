@@ -143,12 +143,13 @@ def _code_lines(path: Path) -> int:
     )
 
 
-def test_the_deepspeed_integration_fits_450_lines_of_code() -> None:
-    """Stage adapters, passes and checkpoint files only: 450 lines of code at most (it was
-    623 of 884 when it re-implemented the step), and no more than 620 lines in all."""
+def test_the_deepspeed_integration_fits_450_lines_in_all() -> None:
+    """Stage adapters, passes and checkpoint files only: 450 lines in all, docstrings and
+    comments included (it was 884 when it re-implemented the step; the step's flow and
+    the two sides over flat fragments are the engine's, ``engine/_fragment_sides.py``)."""
     files = list((ROOT / "integrations" / "deepspeed").rglob("*.py")) + [ROOT / "deepspeed.py"]
-    assert sum(_code_lines(p) for p in files) <= 450
-    assert sum(len(p.read_text().splitlines()) for p in files) <= 620
+    assert sum(len(p.read_text().splitlines()) for p in files) <= 450
+    assert sum(_code_lines(p) for p in files) <= 300
 
 
 def test_the_deepspeed_integration_has_no_step_logic_of_its_own() -> None:
@@ -166,6 +167,11 @@ def test_the_deepspeed_integration_has_no_step_logic_of_its_own() -> None:
         ".apply_(",
         "step_stats",
         "PARTITIONS",
+        ".fold(",
+        ".rectify(",
+        "check_loss",
+        "check_closures",
+        "snapshot",
     ):
         assert name not in src, name
 
@@ -195,7 +201,7 @@ def test_both_drivers_build_the_same_engine() -> None:
     graph = _graph()
     builders = {
         GRUOptimizer.__module__: "gru_optim.engine._build",
-        GRUDeepSpeed.__module__: GRUDeepSpeed.__module__,
+        GRUDeepSpeed.__module__: "gru_optim.engine._fragment_sides",
     }
     for driver, builder in builders.items():
         assert builder == driver or builder in graph[driver], driver

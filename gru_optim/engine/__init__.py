@@ -9,7 +9,8 @@ packed all-reduce), ``_amp`` (gradient scaling), ``_stats`` (``last_stats``), ``
 (what a retain side leaves for its step), ``_spaces`` (gradient or update space),
 ``_groups`` (hyperparameters in the parameter groups), ``_inner`` (the inner optimizer's
 step), ``_state_dict`` and ``_fragments`` (checkpoints), ``_config`` (the keywords every
-driver shares), ``_sources`` and ``_param_sides`` (the ``.grad`` driver), ``_build``
+driver shares), ``_sources``, ``_param_sides`` (the ``.grad`` driver) and ``_fragment_sides``
+(a driver's own flat fragments, DeepSpeed's), ``_build``
 (``GRUOptimizer``'s engine, built) and ``_policy`` (plain steps, one wrapper per inner
 optimizer).
 

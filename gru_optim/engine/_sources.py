@@ -6,14 +6,17 @@ rectified gradients to a :class:`GradientSource` to step on. Two drivers, two so
 
 - :class:`ParamSource`: the ``.grad`` of a torch optimizer's parameters (local shards of
   FSDP2's DTensors), stepped by the inner optimizer (``GRUOptimizer``);
-- the ZeRO stage adapters of :mod:`gru_optim.integrations.deepspeed` (DeepSpeed's reduced
-  gradient partitions, stepped by ``engine.step()``).
+- :class:`FragmentSource`: one flat fragment per member (this process's part of the
+  flattened parameter), for a driver that keeps its own gradients; the ZeRO stage
+  adapters of :mod:`gru_optim.integrations.deepspeed` (DeepSpeed's reduced gradient
+  partitions, stepped by ``engine.step()``) are its subclasses.
 
 A new driver is one more source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -21,9 +24,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._inner import not_ready, step_inner
-from ._reduce import local
+from ._reduce import Reducer, local
 
-__all__ = ["GradientSource", "ParamSource"]
+__all__ = ["FragmentSource", "GradientSource", "ParamSource"]
 
 
 class GradientSource(Protocol):
@@ -176,3 +179,83 @@ class ParamSource:
                 buf = self._buffers[key] = torch.empty_like(t)
             out.append(buf)
         return out
+
+
+class FragmentSource:
+    """A driver's own gradients, one flat fragment per member, and the driver's step.
+
+    ``members``: the trainable parameters (given per group), in the same order on every
+    process (the packed sums line up); ``group_of[i]``: member ``i``'s group;
+    ``ranges[i]``: ``(start, length)`` of this process's fragment in the flattened
+    parameter (empty where it has none); ``numels[i]``: the parameter's full size;
+    ``reducer``: the sum over the processes holding the other fragments. A subclass reads
+    the fragments (:meth:`_read`), stores them back (:meth:`write`) and steps the driver
+    (:meth:`step_driver`)."""
+
+    skips_itself = True
+    """Whether the driver's own step skips non-finite gradients (then a skip is handed to
+    it as NaN gradients, :meth:`skipped`)."""
+
+    def __init__(self, groups: Sequence[tuple[int, Sequence[Tensor]]]) -> None:
+        self.reducer = Reducer(None)
+        self.members: list[Tensor] = []
+        self.group_of: list[int] = []
+        self.present: list[bool] = []
+        """``present[i]``: member ``i`` had a gradient at the last :meth:`read`."""
+        self.grads: list[Tensor] = []
+        self.applied = False
+        """Whether the driver applied its last step (:meth:`step_driver`)."""
+        seen: set[int] = set()
+        for gi, params in groups:
+            for p in params:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    self.members.append(p)
+                    self.group_of.append(gi)
+        self.numels = [p.numel() for p in self.members]
+        self.ranges = [(0, n) for n in self.numels]
+
+    def read(self, fill: Sequence[bool] | None = None) -> list[Tensor]:
+        """This process's fragments, flat, writable in place (kept for :meth:`step`).
+        Where a member has no gradient, zeros, attached as its gradient if ``fill[i]``
+        (it will take a correction)."""
+        self.present = [True] * len(self.members)
+        self.grads = self._read(fill)
+        return self.grads
+
+    def _read(self, fill: Sequence[bool] | None) -> list[Tensor]:
+        raise NotImplementedError
+
+    def write(self, grads: list[Tensor]) -> None:
+        """Store ``grads`` (from :meth:`read`, changed in place) where the driver reads them."""
+
+    def clear(self, grads: list[Tensor]) -> None:
+        """Zero the gradients so that the next pass starts from nothing."""
+        torch._foreach_zero_(grads)
+        self.write(grads)
+
+    def discard(self) -> None:
+        """Before a retain pass: drop what no pass of this step computed (stale gradients)."""
+
+    def poison(self, grads: list[Tensor]) -> None:
+        """Make the driver's overflow check skip this step (NaN everywhere)."""
+        for g in grads:
+            g.fill_(float("nan"))
+        self.write(grads)
+
+    def step(self, skip: Tensor | None) -> None:
+        """Store the rectified fragments and step the driver."""
+        self.write(self.grads)
+        self.step_driver()
+
+    def skipped(self) -> None:
+        """Hand the skip to the driver's overflow handling (DeepSpeed lowers its loss
+        scale), or, where the driver does not skip itself, drop the gradients."""
+        self.poison(self.grads)
+        if self.skips_itself:
+            self.step_driver()
+
+    def step_driver(self) -> bool:
+        """The driver's own step on the stored gradients; whether it was applied (kept in
+        :attr:`applied`)."""
+        raise NotImplementedError

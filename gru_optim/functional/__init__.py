@@ -29,8 +29,8 @@ per-segment reduction every statistic shares), ``_segments`` (one direction),
 ``_gram`` (several directions).
 """
 
-from .._cone import ConeSolution, cone_coefficients
 from ._coefficients import conflict_coefficients, cosclip_coefficients
+from ._cone import ConeSolution, cone_coefficients
 from ._gram import segment_gram
 from ._segments import RectifyResult, SegmentStats, rectify_, segment_dots, segment_stats
 from ._sums import expand_segments, segment_sum

@@ -8,8 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._cone import cone_coefficients
-from ..functional import SegmentStats, expand_segments, project_, segment_gram
+from ..functional import (
+    SegmentStats,
+    cone_coefficients,
+    expand_segments,
+    project_,
+    segment_gram,
+)
 from ._base import Reducer, Rule, Solution, dots_with
 
 __all__ = ["Cone", "check_directions"]

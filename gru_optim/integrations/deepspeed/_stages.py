@@ -19,81 +19,23 @@ import torch
 from torch import Tensor
 
 from ...engine._reduce import Reducer
+from ...engine._sources import FragmentSource
 
 __all__ = ["Shards", "shards_of"]
 
 
-class Shards:
-    """One ZeRO stage's gradients, one flat fragment per member, and the engine's step (a
-    :class:`~gru_optim.engine._sources.GradientSource`).
-
-    ``members``: the trainable parameters, in the same order on every rank (the packed
-    sums line up); ``ranges[i]``: (start, length) of this rank's fragment in the flattened
-    parameter (empty where it has none); ``numels[i]``: its full size."""
+class Shards(FragmentSource):
+    """One ZeRO stage's gradients (a :class:`~gru_optim.engine._sources.FragmentSource`),
+    stepped by ``engine.step()``."""
 
     stage = 0
-    skips_itself = True
-    """Whether DeepSpeed's step skips non-finite gradients (ZeRO stages 1-3 do)."""
 
     def __init__(self, engine: Any, groups: Sequence[tuple[int, Sequence[Tensor]]]) -> None:
-        self.engine, self.reducer = engine, Reducer(None)
-        self.members: list[Tensor] = []
-        self.group_of: list[int] = []
-        self.present: list[bool] = []
-        self.grads: list[Tensor] = []
-        self.applied = False
-        seen: set[int] = set()
-        for gi, params in groups:
-            for p in params:
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    self.members.append(p)
-                    self.group_of.append(gi)
-        self.numels = [p.numel() for p in self.members]
-        self.ranges = [(0, n) for n in self.numels]
+        super().__init__(groups)
+        self.engine = engine
 
-    def read(self, fill: Sequence[bool] | None = None) -> list[Tensor]:
-        """This rank's fragments, flat, writable in place (kept for :meth:`step`).
-        ``present[i]``: member ``i`` has a gradient; where it has none (stage 0), zeros,
-        attached as its gradient if ``fill[i]`` (it will take a correction)."""
-        self.present = [True] * len(self.members)
-        self.grads = self._read(fill)
-        return self.grads
-
-    def _read(self, fill: Sequence[bool] | None) -> list[Tensor]:
-        raise NotImplementedError
-
-    def write(self, grads: list[Tensor]) -> None:
-        """Store ``grads`` (from :meth:`read`, changed in place) where DeepSpeed reads them."""
-
-    def clear(self, grads: list[Tensor]) -> None:
-        """Zero the gradients so that the next pass starts from nothing."""
-        torch._foreach_zero_(grads)
-        self.write(grads)
-
-    def discard(self) -> None:
-        """Before a retain pass: drop what no pass of this step computed (stale gradients)."""
-
-    def poison(self, grads: list[Tensor]) -> None:
-        """Make DeepSpeed's overflow check skip this step (NaN everywhere)."""
-        for g in grads:
-            g.fill_(float("nan"))
-        self.write(grads)
-
-    def step(self, skip: Tensor | None) -> None:
-        """Store the rectified fragments and step the engine."""
-        self.write(self.grads)
-        self.step_engine()
-
-    def skipped(self) -> None:
-        """Hand the skip to DeepSpeed's overflow handling (the loss scale is lowered)."""
-        self.poison(self.grads)
-        if self.skips_itself:
-            self.step_engine()
-
-    def step_engine(self) -> bool:
-        """``engine.step()`` at the accumulation boundary; whether it was applied (also
-        kept in :attr:`applied`)."""
+    def step_driver(self) -> bool:
+        """``engine.step()`` at the accumulation boundary; whether it was applied."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self.applied = bool(self.engine.was_step_applied())
