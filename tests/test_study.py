@@ -528,6 +528,48 @@ def test_comparisons_noise_floor_and_verdict_by_hand() -> None:
     assert text.count("cos-clip") == 1
 
 
+def test_headline_counts_what_survives_and_names_the_arms() -> None:
+    from gru_optim.study import headline
+
+    recs = _toy_study()
+    cmps = comparisons(recs)
+    tested = [c for c in cmps if not math.isnan(c.p_holm)]
+    better = [c for c in tested if c.call == "better"]
+    assert better and all(c.arm == "GRU" for c in better)
+    text = headline(recs)
+    assert text.startswith(f"Over 4 seeds, {len(better)} of {len(tested)} paired comparisons")
+    assert "(GRU on GA" in text and "none shows it worse" in text
+    assert "update-space" not in text  # inside the noise floor: not claimed
+    assert f"the other {len(tested) - len(better)} differences are not shown" in text
+    # the same records with GRU's gain turned into a loss: the count moves to "worse"
+    flipped = [
+        {**r, "model_utility": r["model_utility"] - 2 * (0.2 + 0.001 * r["seed"])}
+        if r["method"] == "GA" and r["arm"] in ("GRU", "cos-clip") and r["step"]
+        else r
+        for r in recs
+    ]
+    worse = [c for c in comparisons(flipped) if c.call == "worse"]
+    assert worse and all(c.arm == "GRU" for c in worse)
+    text = headline(flipped)
+    assert f"0 of {len(tested)} paired comparisons" in text
+    assert f"and {len(worse)} show it worse (GRU on GA" in text
+
+
+def test_rederive_brief_prints_one_sentence_per_study(tmp_path, capsys) -> None:
+    from gru_optim.study import headline
+    from gru_optim.study.rederive import main
+
+    d = tmp_path / "study_x"
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps(_toy_study()))
+    (d / "meta.json").write_text(json.dumps({"preset": "x"}))
+    assert main([str(d / "summary.json"), "--brief"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == "The `x` preset: " + headline(_toy_study())
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.json")])
+
+
 def test_readme_results_paragraph_is_generated_from_the_published_records() -> None:
     """The README's results paragraph is :func:`verdict` of the published per-run records
     (regenerate it with ``python -m gru_optim.study.rederive``)."""

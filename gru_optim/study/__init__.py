@@ -57,7 +57,7 @@ from ._stats import PairedTest, holm, paired_test
 from ._tofu import TofuData, load_tofu
 from ._trajectory import at_step, crossing, front_area
 from ._unlearn import unlearn
-from ._verdict import verdict
+from ._verdict import headline, verdict
 
 __all__ = [
     "ARMS",
@@ -110,6 +110,7 @@ __all__ = [
     "truth_ratio",
     "truth_score",
     "unlearn",
+    "headline",
     "verdict",
     "write_corpus",
     "write_report",

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._outcomes import ALPHA, STATS, Comparison, comparisons, identical_arms, noise_floor, validated
 
-__all__ = ["ARM_LABELS", "arm_label", "join", "verdict"]
+__all__ = ["ARM_LABELS", "arm_label", "headline", "join", "verdict"]
 
 ARM_LABELS = {
     "plain": "plain",
@@ -162,3 +162,41 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
             + "."
         )
     return " ".join(s)
+
+
+def _by_arm(cs: Sequence[Comparison]) -> str:
+    """``GRU on NPO (2) and GA; update-space GRU on WGA``: the arms and methods of ``cs``
+    (a count where one method has several statistics)."""
+    arms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for c in cs:
+        arms[c.arm][c.method] += 1
+    return "; ".join(
+        f"{arm_label(a)} on "
+        + join([m + (f" ({n} statistics)" if n > 1 else "") for m, n in ms.items()])
+        for a, ms in arms.items()
+    )
+
+
+def headline(records: Sequence[dict[str, Any]]) -> str:
+    """The study's verdict in one sentence (the first of the README's paragraph and what
+    ``make demo`` prints): how many paired comparisons with plain survive Holm's
+    correction and the noise floor, each way, and for which arms and methods."""
+    cmps = comparisons(records)
+    tested = [c for c in cmps if not math.isnan(c.p_holm)]
+    n_seeds = len({s for c in cmps for s in c.diffs})
+    if not tested:
+        return "Nothing could be tested (a paired test needs at least two seeds)."
+    better = [c for c in tested if c.call == "better"]
+    worse = [c for c in tested if c.call == "worse"]
+    head = (
+        f"Over {n_seeds} seeds, {len(better)} of {len(tested)} paired comparisons with plain "
+        "show a rectified arm better after Holm's correction"
+    )
+    if better:
+        head += f" ({_by_arm(better)})"
+    if worse:
+        head += f", and {len(worse)} show it worse ({_by_arm(worse)})"
+    else:
+        head += ", and none shows it worse"
+    rest = len(tested) - len(better) - len(worse)
+    return head + f"; the other {rest} differences are not shown by these data."

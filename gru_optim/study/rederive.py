@@ -1,14 +1,16 @@
 """Re-derive a study's comparisons from its published per-run records.
 
-``python -m gru_optim.study.rederive docs/results/study_full/summary.json`` prints the
-paragraph the README quotes: :func:`~._verdict.verdict` of those records (paired
-differences per seed, 95% t intervals, Holm's correction, the oracles' noise floor),
-after a sentence naming the records it comes from; ``--readme README.md`` writes it into
-the README's generated block.
+``python -m gru_optim.study.rederive docs/results/study_full/summary.json
+docs/results/study_large/summary.json`` prints, per study, the paragraph the README
+quotes: its :func:`~._verdict.headline` (the one-sentence verdict ``make demo`` prints
+with ``--brief``), then :func:`~._verdict.verdict` of those records (paired differences
+per seed, 95% t intervals, Holm's correction, the oracles' noise floor) after a sentence
+naming the records; ``--readme README.md`` writes them into the README's generated block.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -16,15 +18,37 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._verdict import verdict
+from ._verdict import headline, verdict
 
-__all__ = ["paragraph"]
+__all__ = ["END", "START", "brief", "label_of", "paragraph", "write_readme"]
 
 
-def paragraph(records: Sequence[dict[str, Any]], source: str) -> str:
-    """The results paragraph of ``records`` (read from ``source``, named in it)."""
-    clean = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
-    return f"Re-derived from the per-run records in `{source}`. " + verdict(clean)
+def _clean(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON's ``null`` (a metric not measured) as NaN, as the statistics expect."""
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
+
+
+def label_of(summary: str | Path) -> str:
+    """How the words name the study of ``summary`` (its ``meta.json``'s preset, else the
+    folder)."""
+    path = Path(summary)
+    meta = path.with_name("meta.json")
+    if meta.exists():
+        return f"The `{json.loads(meta.read_text())['preset']}` preset"
+    return f"The study in `{path.parent}`"
+
+
+def paragraph(records: Sequence[dict[str, Any]], source: str, label: str | None = None) -> str:
+    """The results paragraph of ``records`` (read from ``source``, named in it): with a
+    ``label``, ``"**label.** "`` and the headline first."""
+    clean = _clean(records)
+    head = f"**{label}.** {headline(clean)} " if label else ""
+    return f"{head}Re-derived from the per-run records in `{source}`. " + verdict(clean)
+
+
+def brief(records: Sequence[dict[str, Any]], label: str) -> str:
+    """``label``: the one-sentence verdict (what ``make demo`` prints)."""
+    return f"{label}: {headline(_clean(records))}"
 
 
 START = "<!-- study-results: generated, do not edit by hand -->"
@@ -43,23 +67,25 @@ def write_readme(readme: str | Path, text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print :func:`paragraph` of the ``summary.json`` named on the command line; with
-    ``--readme PATH``, also write it into that file's generated block."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    readme = None
-    if len(args) == 3 and args[1] == "--readme":
-        readme = args[2]
-        args = args[:1]
-    if len(args) != 1:
-        print(
-            "usage: python -m gru_optim.study.rederive path/to/summary.json [--readme README.md]",
-            file=sys.stderr,
-        )
-        return 2
-    text = paragraph(json.loads(Path(args[0]).read_text()), args[0])
+    """Print :func:`paragraph` of each ``summary.json`` named on the command line (with
+    ``--brief``, :func:`brief`); with ``--readme PATH``, also write the paragraphs into
+    that file's generated block. Returns the exit status."""
+    p = argparse.ArgumentParser(prog="python -m gru_optim.study.rederive", description=__doc__)
+    p.add_argument("summaries", nargs="+", help="a study's summary.json (its per-run records)")
+    p.add_argument("--readme", default=None, help="write the paragraphs into this page's block")
+    p.add_argument("--brief", action="store_true", help="one sentence per study")
+    args = p.parse_args(argv)
+    texts = []
+    for s in args.summaries:
+        if not Path(s).exists():
+            p.error(f"{s}: no such file (a study's summary.json, e.g. docs/results/study_full/)")
+        records = json.loads(Path(s).read_text())
+        label = label_of(s)
+        texts.append(brief(records, label) if args.brief else paragraph(records, s, label))
+    text = "\n\n".join(texts)
     print(text)
-    if readme is not None:
-        write_readme(readme, text)
+    if args.readme is not None:
+        write_readme(args.readme, text)
     return 0
 
 
