@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -494,10 +495,40 @@ def errors_case(rank: int) -> dict[str, str | bool]:
         r2()
     out["twice"] = expect(lambda: gru2.retain_pass().__enter__(), RuntimeError)
     out["save_between"] = expect(lambda: gru2.save_checkpoint("unused"), RuntimeError)
+    out["load_between"] = expect(lambda: gru2.load_memory("unused"), RuntimeError)
     f2()
     gru2.step()
     out["closure_free_rectified"] = bool(gru2.last_stats["rectified"])
     out["backward_restored_2"] = "backward" not in engine2.__dict__
+    none: Any = None
+    out["gamma_none"] = expect(lambda: GRUDeepSpeed(engine2, gamma=none), TypeError)
+    # glob characters in the checkpoint's path are the path's, not a pattern
+    import torch.distributed as dist
+
+    tmp = [tempfile.mkdtemp(prefix="gru[ds]*") if rank == 0 else ""]
+    dist.broadcast_object_list(tmp, src=0)
+    params = list(engine2.module.parameters())
+    saved = [gru2.retain_memory(p) for p in params]
+    saved = [None if m is None else m.clone() for m in saved]
+    gru2.save_checkpoint(tmp[0], tag="t[0]")
+    for p in params:
+        if (m := gru2.retain_memory(p)) is not None:
+            m.add_(1.0)
+    gru2.load_memory(os.path.join(tmp[0], "t[0]"))
+
+    def same(now: Tensor | None, before: Tensor | None) -> bool:  # no memory reads as zeros
+        if now is None or before is None:
+            rest = now if before is None else before
+            return rest is None or not bool(rest.any())
+        return torch.equal(now, before)
+
+    nonzero = sum(m is not None and bool(m.any()) for m in saved)
+    loaded = all(same(gru2.retain_memory(p), m) for p, m in zip(params, saved))
+    out["glob_path_loaded"] = nonzero > 0 and loaded
+    out["no_memory_files"] = expect(lambda: gru2.load_memory(tmp[0]), FileNotFoundError)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp[0])
     bf16 = make_engine(ds_config(0, bf16={"enabled": True}))
     out["stage0_bf16"] = expect(lambda: GRUDeepSpeed(bf16), NotImplementedError)
     return out
@@ -747,6 +778,7 @@ def mixin_suite(rank: int, world: int) -> dict[str, Any]:
 SUITES: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "all": all_suite,
     "hf_mixin": mixin_suite,
+    "errors": lambda rank, world: {"errors": errors_case(rank)},  # a quick look at misuse
 }
 
 

@@ -214,6 +214,10 @@ def test_misuse_raises_clearly(spawned) -> None:
         assert e["backward_restored"] is True and e["backward_restored_2"] is True
         assert "retain_pass entered twice" in e["twice"]
         assert e["save_between"].startswith("RuntimeError: save_checkpoint() between")
+        assert e["load_between"].startswith("RuntimeError: loading the memory between")
+        assert e["gamma_none"].startswith("TypeError: gamma and retain_weight must be numbers")
+        assert e["glob_path_loaded"] is True
+        assert e["no_memory_files"].startswith("FileNotFoundError: no GRU memory in")
         assert e["closure_free_rectified"] is True
         assert e["stage0_bf16"].startswith("NotImplementedError")
 

@@ -48,8 +48,9 @@ class FragmentSides:
         source: the driver's gradients and step.
         s: :func:`~gru_optim.engine._config.settings`' result.
         open_pass: how the driver runs a pass (:data:`OpenPass`).
-        loss_scale: the loss scale the fragments carry now (``None``: none; the memory is
-            then also snapshotted for a step the driver skips).
+        loss_scale: the loss scale the fragments carry now (``None``: they carry none).
+            A driver with a loss scale may skip its step after the fold (an overflow), so
+            the memory is then snapshotted at each retain side and given back.
         owner: the driver object (held weakly by the AMP boundary).
         device: where the memory lives.
     """
@@ -64,6 +65,11 @@ class FragmentSides:
         owner: Any,
         device: torch.device | str,
     ) -> None:
+        if s.gamma is None or s.retain_weight is None:
+            raise TypeError(
+                "gamma and retain_weight must be numbers (gamma in (0, 1], retain_weight "
+                f">= 0), got gamma={s.gamma!r}, retain_weight={s.retain_weight!r}"
+            )
         self.source = source
         self.engine = Engine(
             rule=s.rule,
@@ -72,7 +78,7 @@ class FragmentSides:
             granularity=s.granularity,
             max_grad_norm=s.clip,
         )
-        self.retain_weight = s.retain_weight or 0.0
+        self.retain_weight = s.retain_weight
         self._open_pass = open_pass
         self._loss_scale = loss_scale
         self.keys = self.engine.memory.flat_keys([n for _, n in source.ranges], s.ema_dtype, device)
@@ -80,7 +86,7 @@ class FragmentSides:
         self._segments = self.engine.partition_of(self.keys, source.group_of)
         n = 1 if self._segments is None else len(self._segments)
         self._hyper = [s.rule.defaults()] * n
-        self._gamma = {id(k): float(s.gamma or 0.0) for k in self.keys}
+        self._gamma = {id(k): s.gamma for k in self.keys}
         self._forget: AbstractContextManager[Any] | None = None
 
     def scale(self) -> float:

@@ -230,7 +230,8 @@ class GRUDeepSpeed:
         restored another way; validated before the memory changes."""
         if self._sides.engine.pending is not None:
             raise RuntimeError("loading the memory between retain_pass() and step()")
-        files = sorted(glob.glob(os.path.join(tag_dir, MEMORY_FILE.replace("{rank:05d}", "*"))))
+        pattern = os.path.join(glob.escape(tag_dir), MEMORY_FILE.replace("{rank:05d}", "*"))
+        files = sorted(glob.glob(pattern))
         if not files:
             raise FileNotFoundError(
                 f"no GRU memory in {tag_dir} (the checkpoint was not saved with "
