@@ -104,6 +104,10 @@ def test_the_engine_rules_and_integrations_do_not_import_upward() -> None:
         if name.startswith("gru_optim.rules"):
             # Rules sit below the engine: they import the functional core only.
             assert not {d for d in deps if d.startswith("gru_optim.engine")}, name
+        if name.startswith("gru_optim.integrations"):
+            # The public re-export paths sit above the integrations they re-export.
+            shims = {"gru_optim.deepspeed", "gru_optim.hf", "gru_optim.lightning"}
+            assert not deps & shims, f"{name} imports {deps & shims}"
 
 
 @pytest.mark.parametrize("package", ["engine", "rules", "integrations"])

@@ -255,7 +255,7 @@ class GRUMixin:
         :class:`gru_optim.deepspeed.GRUDeepSpeed` driving the engine."""
         if self.is_deepspeed_enabled:
             if self._gru_deepspeed is None:
-                from ...deepspeed import GRUDeepSpeed
+                from ..deepspeed import GRUDeepSpeed
 
                 self._gru_deepspeed = GRUDeepSpeed(self.model_wrapped, **self.gru_options)
             return self._gru_deepspeed
