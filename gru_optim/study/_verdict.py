@@ -24,6 +24,11 @@ ARM_LABELS = {
 """How the words and the plots name each arm."""
 
 
+def _verb(n: int, verb: str) -> str:
+    """``verb`` agreeing with a count ``n`` ("1 of 30 survives", "2 of 30 survive")."""
+    return verb + "s" if n == 1 else verb
+
+
 def arm_label(arm: str) -> str:
     """The arm's name in prose."""
     return ARM_LABELS.get(arm, arm)
@@ -126,11 +131,14 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
         worse = [c for c in found if c.call == "worse"]
         if better:
             s.append(
-                f"{len(better)} of the {len(tested)} comparisons survive in favour of the "
+                f"{len(better)} of the {len(tested)} comparisons {_verb(len(better), 'survive')} "
+                "in favour of the "
                 "rectified arm: " + _findings(better) + "."
             )
         if worse:
-            s.append(f"{len(worse)} survive against it: " + _findings(worse) + ".")
+            s.append(
+                f"{len(worse)} {_verb(len(worse), 'survive')} against it: " + _findings(worse) + "."
+            )
         s.append("No other difference is shown.")
     elif tested:
         best = min(tested, key=lambda c: c.p_holm)
@@ -144,7 +152,8 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
     if tested:
         pos = sum(c.test.mean > 0 for c in tested)
         s.append(
-            f"Before correction, {pos} of the {len(tested)} mean differences favour the "
+            f"Before correction, {pos} of the {len(tested)} mean differences "
+            f"{_verb(pos, 'favour')} the "
             "rectified arm."
         )
     s += _identical(records)
@@ -190,13 +199,16 @@ def headline(records: Sequence[dict[str, Any]]) -> str:
     worse = [c for c in tested if c.call == "worse"]
     head = (
         f"Over {n_seeds} seeds, {len(better)} of {len(tested)} paired comparisons with plain "
-        "show a rectified arm better after Holm's correction"
+        f"{_verb(len(better), 'show')} a rectified arm better after Holm's correction"
     )
     if better:
         head += f" ({_by_arm(better)})"
     if worse:
-        head += f", and {len(worse)} show it worse ({_by_arm(worse)})"
+        head += f", and {len(worse)} {_verb(len(worse), 'show')} it worse ({_by_arm(worse)})"
     else:
         head += ", and none shows it worse"
     rest = len(tested) - len(better) - len(worse)
-    return head + f"; the other {rest} differences are not shown by these data."
+    if rest == 0:
+        return head + "."
+    what = "difference is" if rest == 1 else "differences are"
+    return head + f"; the other {rest} {what} not shown by these data."
