@@ -538,9 +538,9 @@ def test_headline_counts_what_survives_and_names_the_arms() -> None:
     assert better and all(c.arm == "GRU" for c in better)
     text = headline(recs)
     assert text.startswith(f"Over 4 seeds, {len(better)} of {len(tested)} paired comparisons")
-    assert "(GRU on GA" in text and "none shows it worse" in text
+    assert f"Better: GRU on GA ({len(better)} statistic" in text and "none shows it worse" in text
     assert "update-space" not in text  # inside the noise floor: not claimed
-    assert f"the other {len(tested) - len(better)} differences are not shown" in text
+    assert f"The other {len(tested) - len(better)} differences are not shown" in text
     # the same records with GRU's gain turned into a loss: the count moves to "worse"
     flipped = [
         {**r, "model_utility": r["model_utility"] - 2 * (0.2 + 0.001 * r["seed"])}
@@ -552,7 +552,8 @@ def test_headline_counts_what_survives_and_names_the_arms() -> None:
     assert worse and all(c.arm == "GRU" for c in worse)
     text = headline(flipped)
     assert f"0 of {len(tested)} paired comparisons" in text
-    assert f"and {len(worse)} show it worse (GRU on GA" in text
+    assert f"and {len(worse)} show{'s' if len(worse) == 1 else ''} it worse." in text
+    assert "Worse: GRU on GA" in text and "Better:" not in text
 
 
 def test_rederive_brief_prints_one_sentence_per_study(tmp_path, capsys) -> None:
@@ -571,17 +572,29 @@ def test_rederive_brief_prints_one_sentence_per_study(tmp_path, capsys) -> None:
 
 
 def test_readme_results_paragraph_is_generated_from_the_published_records() -> None:
-    """The README's results paragraph is :func:`verdict` of the published per-run records
-    (regenerate it with ``python -m gru_optim.study.rederive``)."""
+    """The README's results paragraphs are :func:`verdict` of the published per-run
+    records of both presets (regenerate them with ``python -m gru_optim.study.rederive``),
+    and ``make demo`` prints their headlines."""
     from pathlib import Path
 
-    from gru_optim.study.rederive import paragraph
+    from gru_optim.study.rederive import label_of, paragraph
 
     root = Path(__file__).resolve().parents[1]
-    records = json.loads((root / "docs/results/study_full/summary.json").read_text())
-    text = paragraph(records, "docs/results/study_full/summary.json")
-    assert text in (root / "README.md").read_text()
-    assert "no validation metrics" in text and "Holm" in text
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- study-results: generated, do not edit by hand -->")[1]
+    block = block.split("<!-- /study-results -->")[0].strip()
+    texts = []
+    for preset in ("full", "large"):
+        source = f"docs/results/study_{preset}/summary.json"
+        records = json.loads((root / source).read_text())
+        text = paragraph(records, source, label_of(root / source))
+        assert text.startswith(f"**The `{preset}` preset.** Over 5 seeds")
+        assert "validation halves" in text and "Holm" in text
+        texts.append(text)
+    assert block == "\n\n".join(texts)
+    make = (root / "Makefile").read_text()
+    assert "gru_optim.study.rederive --brief $(STUDIES)" in make
+    assert "docs/results/study_full/summary.json docs/results/study_large/summary.json" in make
 
 
 def test_rederive_writes_the_readme_block_and_refuses_a_page_without_one(tmp_path) -> None:

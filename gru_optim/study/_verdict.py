@@ -174,22 +174,23 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _by_arm(cs: Sequence[Comparison]) -> str:
-    """``GRU on NPO (2) and GA; update-space GRU on WGA``: the arms and methods of ``cs``
-    (a count where one method has several statistics)."""
+    """``update-space GRU on GA (1 statistic) and NPO (3 statistics); GRU on NPO (2
+    statistics)``: the arms and methods of ``cs``, with how many statistics each."""
     arms: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for c in cs:
         arms[c.arm][c.method] += 1
     return "; ".join(
         f"{arm_label(a)} on "
-        + join([m + (f" ({n} statistics)" if n > 1 else "") for m, n in ms.items()])
+        + join([f"{m} ({n} statistic{'s' if n > 1 else ''})" for m, n in ms.items()])
         for a, ms in arms.items()
     )
 
 
 def headline(records: Sequence[dict[str, Any]]) -> str:
-    """The study's verdict in one sentence (the first of the README's paragraph and what
-    ``make demo`` prints): how many paired comparisons with plain survive Holm's
-    correction and the noise floor, each way, and for which arms and methods."""
+    """The study's verdict in a few short sentences (the opening of the README's
+    paragraph and what ``make demo`` prints): how many paired comparisons with plain
+    survive Holm's correction and the noise floor, each way, and for which arms and
+    methods."""
     cmps = comparisons(records)
     tested = [c for c in cmps if not math.isnan(c.p_holm)]
     n_seeds = len({s for c in cmps for s in c.diffs})
@@ -197,18 +198,18 @@ def headline(records: Sequence[dict[str, Any]]) -> str:
         return "Nothing could be tested (a paired test needs at least two seeds)."
     better = [c for c in tested if c.call == "better"]
     worse = [c for c in tested if c.call == "worse"]
-    head = (
+    worse_n = str(len(worse)) if worse else "none"
+    s = [
         f"Over {n_seeds} seeds, {len(better)} of {len(tested)} paired comparisons with plain "
-        f"{_verb(len(better), 'show')} a rectified arm better after Holm's correction"
-    )
+        f"{_verb(len(better), 'show')} a rectified arm better after Holm's correction and "
+        f"{worse_n} {_verb(max(len(worse), 1), 'show')} it worse."
+    ]
     if better:
-        head += f" ({_by_arm(better)})"
+        s.append(f"Better: {_by_arm(better)}.")
     if worse:
-        head += f", and {len(worse)} {_verb(len(worse), 'show')} it worse ({_by_arm(worse)})"
-    else:
-        head += ", and none shows it worse"
+        s.append(f"Worse: {_by_arm(worse)}.")
     rest = len(tested) - len(better) - len(worse)
-    if rest == 0:
-        return head + "."
-    what = "difference is" if rest == 1 else "differences are"
-    return head + f"; the other {rest} {what} not shown by these data."
+    if rest:
+        what = "difference is" if rest == 1 else "differences are"
+        s.append(f"The other {rest} {what} not shown by these data.")
+    return " ".join(s)
