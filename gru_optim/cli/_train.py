@@ -226,7 +226,7 @@ def train_run(
         "args": args,
         "train_dataset": train_set,
         "processing_class": tokenizer,
-        "callbacks": [_progress_callback(desc), *callbacks],
+        "callbacks": [progress := _progress_callback(desc), *callbacks],
     }
     if cfg["no_gru"]:
         from ..data import PairedCollator
@@ -250,7 +250,10 @@ def train_run(
     trainer.remove_callback(ProgressCallback)  # the bar above replaces them
     trainer.remove_callback(PrinterCallback)
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None  # type: ignore[no-untyped-call]
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    finally:  # interrupted too: the bar ends its line before anything else is printed
+        progress.on_train_end(args, trainer.state, trainer.control)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     if cfg["lora"] is not None:
         trained = trained.merge_and_unload()
