@@ -158,7 +158,7 @@ def plot_tradeoff(records: Sequence[dict[str, Any]], path: Path) -> Path:
                     capsize=3,
                 )
                 bx.annotate(
-                    f"Holm p {c.p_holm:.2g}",
+                    f"Holm p = {c.p_holm:.2g}",
                     (x, 1.0),
                     xycoords=("data", "axes fraction"),
                     ha="center",
