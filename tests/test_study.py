@@ -556,6 +556,21 @@ def test_headline_counts_what_survives_and_names_the_arms() -> None:
     assert "Worse: GRU on GA" in text and "Better:" not in text
 
 
+def test_slower_pairs_count_rectified_runs_that_forget_less_at_equal_step() -> None:
+    from gru_optim.study._outcomes import slower_pairs
+
+    recs = _toy_study()
+    # GRU, cos-clip and update against plain, 2 learning rates x 4 seeds; every arm ends
+    # at forget probability 0, as plain does: none is slower
+    assert slower_pairs(recs) == (0, 24)
+    slowed = [
+        {**r, "forget_prob": 0.3} if r["arm"] == "GRU" and r["step"] == 10 and r["seed"] < 3 else r
+        for r in recs
+    ]
+    assert slower_pairs(slowed) == (6, 24)
+    assert "higher forget probability than plain in 6 of 24 pairs" in verdict(slowed)
+
+
 def test_rederive_brief_prints_one_sentence_per_study(tmp_path, capsys) -> None:
     from gru_optim.study import headline
     from gru_optim.study.rederive import main
@@ -595,6 +610,43 @@ def test_readme_results_paragraph_is_generated_from_the_published_records() -> N
     make = (root / "Makefile").read_text()
     assert "gru_optim.study.rederive --brief $(STUDIES)" in make
     assert "docs/results/study_full/summary.json docs/results/study_large/summary.json" in make
+
+
+def test_study_guide_facts_are_those_of_the_published_records() -> None:
+    """The descriptive facts the study guide quotes are read off the published records."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    guide = " ".join((root / "docs/guides/study.md").read_text().split())
+    targets, lines = [], []
+    for preset in ("full", "large"):
+        recs = json.loads((root / f"docs/results/study_{preset}/summary.json").read_text())
+        tg = [r for r in recs if r["method"] == "target"]
+        orc = [r for r in recs if r["method"] == "oracle"]
+        assert len(tg) == 5 and len(orc) == 10
+        targets += tg
+
+        def span(rs: list, key: str) -> str:
+            return f"{min(r[key] for r in rs):.3f}-{max(r[key] for r in rs):.3f}"
+
+        mu = f"{span(tg, 'model_utility')} against {span(orc, 'model_utility')}"
+        lines.append(f"`{preset}`: {mu}")
+    assert f"was {min(r['forget_prob'] for r in targets):.3f}-" in guide
+    assert f"-{max(r['forget_prob'] for r in targets):.3f}, forget quality" in guide
+    fq = max(r["forget_quality"] for r in targets)
+    assert f"at most {fq / 10 ** math.floor(math.log10(fq)):.1f} × 10⁻" in guide
+    assert all(round(r["privleak"]) == -100 for r in targets)
+    for line in lines:
+        assert line in guide, line
+    favour = []
+    for preset in ("large", "full"):
+        recs = json.loads((root / f"docs/results/study_{preset}/summary.json").read_text())
+        clean = [{k: (math.nan if v is None else v) for k, v in r.items()} for r in recs]
+        tested = [c for c in comparisons(clean) if not math.isnan(c.p_holm)]
+        favour.append((sum(c.test.mean > 0 for c in tested), len(tested)))
+    (big, n_big), (small, n_small) = favour
+    assert big == n_big == 30 and f"all {n_big} mean differences favour" in guide
+    assert f"against {small} of {n_small} in `full`" in guide
 
 
 def test_rederive_writes_the_readme_block_and_refuses_a_page_without_one(tmp_path) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "noise_floor",
     "run_records",
     "seed_outcomes",
+    "slower_pairs",
     "validated",
 ]
 
@@ -223,6 +224,26 @@ def noise_floor(records: Sequence[dict[str, Any]]) -> dict[str, float] | None:
     if not seeds:
         return None
     return {k: float(sum(v) / len(v)) for k, v in gaps.items()}
+
+
+def slower_pairs(records: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """``(slower, pairs)``: of the pairs of a rectified run and the plain run of the same
+    method, learning rate and seed, how many end (at the last evaluated step, held out)
+    with a higher forget probability than plain: how often rectifying slows forgetting
+    at equal step, the reason the comparisons are made at matched forgetting."""
+    runs = run_records(records)
+    if not runs:
+        return 0, 0
+    last = max(r["step"] for r in runs)
+    final = {(r["method"], arm_of(r), r["lr"], r["seed"]): r for r in runs if r["step"] == last}
+    slower = pairs = 0
+    for (m, a, lr, s), r in final.items():
+        p = final.get((m, "plain", lr, s))
+        if a in ("plain", "+KL") or p is None:
+            continue
+        pairs += 1
+        slower += r["forget_prob"] > p["forget_prob"]
+    return slower, pairs
 
 
 def identical_arms(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], str]:

@@ -9,7 +9,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from ._outcomes import ALPHA, STATS, Comparison, comparisons, identical_arms, noise_floor, validated
+from ._outcomes import (
+    ALPHA,
+    STATS,
+    Comparison,
+    comparisons,
+    identical_arms,
+    noise_floor,
+    slower_pairs,
+    validated,
+)
 
 __all__ = ["ARM_LABELS", "arm_label", "headline", "join", "verdict"]
 
@@ -155,6 +164,13 @@ def verdict(records: Sequence[dict[str, Any]]) -> str:
             f"Before correction, {pos} of the {len(tested)} mean differences "
             f"{_verb(pos, 'favour')} the "
             "rectified arm."
+        )
+    slower, pairs = slower_pairs(records)
+    if pairs:
+        s.append(
+            f"At equal learning rate and step, the rectified arm ended with a higher forget "
+            f"probability than plain in {slower} of {pairs} pairs, which is why arms are "
+            "compared at matched forgetting."
         )
     s += _identical(records)
     never: dict[str, list[str]] = defaultdict(list)
